@@ -1,0 +1,161 @@
+"""Find a checkpoint (local directory or Hugging Face cache) and load model + tokenizer from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from l2pd_harness.models.llada import LLaDAConfig, LLaDAModel
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-llada"
+"""The embedded tiny dLLM shipped with the package; the default of every command."""
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+BACKENDS = ("native", "hf")
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint that cannot be found or does not match the model it claims to be."""
+
+
+def resolve_checkpoint(pretrained: str | os.PathLike | None) -> Path:
+    """Local directory of ``pretrained``: a path, a hub id found in the local HF cache, or the shipped tiny model."""
+    if pretrained is None:
+        return DEFAULT_MODEL_DIR
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {str(path)!r} has no config.json; expected a Hugging Face "
+                                 "checkpoint directory (config.json, model.safetensors, tokenizer files)")
+        return path
+    if path.exists() or str(pretrained).count("/") != 1:
+        raise ModelLoadError(f"model {str(pretrained)!r} is neither a checkpoint directory nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(pretrained), local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"hub model {str(pretrained)!r} is not in the local Hugging Face cache and this program never "
+            f"downloads; on a networked machine run `hf download {pretrained}` (or pass a local directory)"
+        ) from None
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _tensor_files(ckpt: Path) -> list[Path]:
+    if (ckpt / SHARD_INDEX).is_file():
+        weight_map = json.loads((ckpt / SHARD_INDEX).read_text())["weight_map"]
+        return [ckpt / name for name in sorted(set(weight_map.values()))]
+    if (ckpt / SINGLE_FILE).is_file():
+        return [ckpt / SINGLE_FILE]
+    raise ModelLoadError(f"no {SINGLE_FILE} or {SHARD_INDEX} in {str(ckpt)!r}")
+
+
+def _iter_tensors(files: list[Path], device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    # One tensor at a time: each is read straight to the target device and cast there.
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name).to(dtype)
+
+
+def load_llada(ckpt: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LLaDAModel:
+    """Native LLaDA from ``ckpt``; built on the meta device, so only one copy of the weights is ever made."""
+    config = LLaDAConfig.from_json(ckpt / "config.json")
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    expected = set(model.state_dict())
+    state = dict(_iter_tensors(_tensor_files(ckpt), torch.device(device), dtype))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelLoadError(f"checkpoint {str(ckpt)!r} does not match its config: missing tensors {missing}, "
+                             f"unexpected tensors {unexpected}")
+    for name, param in model.state_dict().items():
+        if state[name].shape != param.shape:
+            raise ModelLoadError(f"tensor {name} has shape {tuple(state[name].shape)}, config implies "
+                                 f"{tuple(param.shape)}")
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def save_llada(model: LLaDAModel, out_dir: str | os.PathLike) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (LLaDA's tensor names) to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
+
+
+@dataclass
+class RemoteCodeIds:
+    """What the decoders need to know of a remote-code checkpoint (LLaDAConfig's names)."""
+
+    mask_token_id: int
+    eos_token_id: int
+    vocab_size: int
+
+
+class RemoteCodeLM(nn.Module):
+    """A checkpoint's own ``trust_remote_code`` model, called like :class:`LLaDAModel` (ids -> logits)."""
+
+    def __init__(self, model: nn.Module, config: RemoteCodeIds):
+        super().__init__()
+        self.inner, self.config = model, config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner(input_ids, attention_mask=attention_mask).logits[..., : self.config.vocab_size]
+
+
+def _load_remote_code(ckpt: Path, dtype: torch.dtype, device: str | torch.device, tokenizer) -> RemoteCodeLM:
+    import transformers
+
+    raw = json.loads((ckpt / "config.json").read_text())
+    if raw.get("model_type") == "llada" and int(transformers.__version__.split(".")[0]) >= 5:
+        raise ModelLoadError(
+            "backend='hf' cannot load LLaDA here: its remote code (modeling_llada.py) is written for "
+            f"transformers 4.x and fails on transformers {transformers.__version__} (it lacks "
+            "all_tied_weights_keys, calls tie_weights(missing_keys=...) and reads config.use_cache); "
+            "use backend='native', which loads the same weights")
+    mask_id = raw.get("mask_token_id", tokenizer.mask_token_id)
+    if mask_id is None:
+        raise ModelLoadError(f"{str(ckpt)!r}: neither config.json nor the tokenizer names a mask token")
+    ids = RemoteCodeIds(mask_id, raw.get("eos_token_id", tokenizer.eos_token_id), raw["vocab_size"])
+    model = transformers.AutoModel.from_pretrained(str(ckpt), trust_remote_code=True, dtype=dtype)
+    return RemoteCodeLM(model.to(device).eval(), ids)
+
+
+def load_model(pretrained: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu",
+               backend: str = "native"):
+    """Load ``(model, tokenizer)``; the model maps ``input_ids [B, T]`` to logits ``[B, T, vocab]``.
+
+    ``pretrained``: a local checkpoint directory, a hub id already in the local HF cache, or ``None`` for the
+    shipped tiny model. ``backend``: ``native`` (this package's LLaDA) or ``hf`` (the checkpoint's remote code).
+    """
+    from transformers import AutoTokenizer
+
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"backend {backend!r} is not one of {list(BACKENDS)}")
+    torch_dtype = parse_dtype(dtype)
+    ckpt = resolve_checkpoint(pretrained)
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    if backend == "native":
+        return load_llada(ckpt, torch_dtype, device), tokenizer
+    return _load_remote_code(ckpt, torch_dtype, device, tokenizer), tokenizer

@@ -1,0 +1,64 @@
+"""`l2pd generate` as a user runs it: help, a real decode, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def l2pd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "l2pd_harness.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help_documents_every_option() -> None:
+    out = l2pd("generate", "--help").stdout
+    for option in ("--model", "--prompt", "--input", "--output", "--gen-length", "--block-length", "--steps",
+                   "--remasking", "--temperature", "--cfg-scale", "--batch-size", "--dtype", "--device", "--seed"):
+        assert option in out
+
+
+def test_generate_jsonl_round_trip(random_checkpoint: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps({"prompt": p, "id": i}) for i, p in enumerate(["Tom has 12", "19"])))
+    result = l2pd("generate", "--model", str(random_checkpoint), "--input", str(source), "--output",
+                  str(tmp_path / "out.jsonl"), "--gen-length", "16", "--block-length", "8", "--steps", "8",
+                  "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["nfe"] == 8 and sum(row["tokens_per_step"]) == 16 and len(row["tokens_per_step"]) == 8
+        assert isinstance(row["text"], str) and row["latency_s"] > 0 and row["prompt_tokens"] > 2
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_single_prompt_prints_json(random_checkpoint: Path) -> None:
+    result = l2pd("generate", "--model", str(random_checkpoint), "--prompt", "Tom has", "--gen-length", "8",
+                  "--block-length", "8")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["nfe"] == 8
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--gen-length", "32", "--block-length", "7"], "block_length=7 must be a positive divisor of gen_length=32"),
+    (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+])
+def test_bad_values_give_one_line_and_exit_2(random_checkpoint: Path, args: list[str], expected: str) -> None:
+    result = l2pd("generate", "--model", str(random_checkpoint), "--prompt", "hi", *args)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_directory_without_config_is_one_line(tmp_path: Path) -> None:
+    result = l2pd("generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("has no config.json; expected a Hugging Face checkpoint directory "
+                                          "(config.json, model.safetensors, tokenizer files)")
+    assert len(result.stderr.strip().splitlines()) == 1

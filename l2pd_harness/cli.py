@@ -1,4 +1,4 @@
-"""The ``l2pd`` command line: ``l2pd generate`` (more subcommands register in :func:`build_parser`)."""
+"""The ``l2pd`` command line: generate, data, grade, evaluate, train-base (registered in :func:`build_parser`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,15 +33,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "generate", help="decode prompts with the LLaDA reference sampler",
-        description="Decode prompts with LLaDA's semi-autoregressive sampler. Output: one JSON object per prompt "
-                    "with the input fields plus text, nfe (forward passes), tokens_per_step, latency_s.")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="a single prompt; the result is printed as JSON")
-    source.add_argument("--input", type=Path, help="JSONL file, one object per line with a 'prompt' field")
-    p.add_argument("--output", type=Path, help="JSONL file for the results (default: stdout)")
+def add_decode_options(p: argparse.ArgumentParser) -> None:
+    """Options of the reference sampler and the model, shared by ``generate`` and ``evaluate``."""
     p.add_argument("--model", default=None,
                    help="checkpoint directory or hub id in the local HF cache (default: the shipped tiny model)")
     p.add_argument("--gen-length", type=positive_int, default=256, help="canvas positions after the prompt (256)")
@@ -56,33 +48,40 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel-noise temperature; 0 is greedy (0)")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale; 0 is off (0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choices (0)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together (8)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts decoded together (16)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (cpu)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="feed prompts raw instead of as a user turn of the tokenizer's chat template")
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate", help="decode prompts with the LLaDA reference sampler",
+        description="Decode prompts with LLaDA's semi-autoregressive sampler. Output: one JSON object per prompt "
+                    "with the input fields plus text, nfe (forward passes), tokens_per_step, latency_s.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="a single prompt; the result is printed as JSON")
+    source.add_argument("--input", type=Path, help="JSONL file, one object per line with a 'prompt' field")
+    p.add_argument("--output", type=Path, help="JSONL file for the results (default: stdout)")
+    add_decode_options(p)
     p.set_defaults(func=run_generate)
 
 
 def read_requests(args: argparse.Namespace) -> list[dict]:
     if args.prompt is not None:
         return [{"prompt": args.prompt}]
-    if not args.input.is_file():
-        raise UsageError(f"--input {str(args.input)!r} does not exist")
-    rows = []
-    for number, line in enumerate(args.input.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    rows = read_jsonl(args.input, "--input")
+    for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("prompt"), str):
-            raise UsageError(f"--input {str(args.input)!r} line {number} has no string 'prompt' field")
-        rows.append(row)
+            raise UsageError(f"--input {str(args.input)!r} row {number} has no string 'prompt' field")
     return rows
 
 
-def batched(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def read_jsonl(path: Path, option: str) -> list[dict]:
+    if not path.is_file():
+        raise UsageError(f"{option} {str(path)!r} does not exist")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class JsonlWriter:
@@ -111,37 +110,163 @@ class JsonlWriter:
                 os.replace(self.partial, self.path)
 
 
-def run_generate(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
-    from l2pd_harness.decoding.reference import GenerationConfig, generate
-    from l2pd_harness.loading import load_model
-    from l2pd_harness.text import decode_response, encode_prompt, stop_token_ids
+def generation_config(args: argparse.Namespace):
+    from l2pd_harness.decoding.reference import GenerationConfig
 
     try:
-        cfg = GenerationConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-                               remasking=args.remasking, temperature=args.temperature, cfg_scale=args.cfg_scale,
-                               seed=args.seed)
+        return GenerationConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+                                remasking=args.remasking, temperature=args.temperature, cfg_scale=args.cfg_scale,
+                                seed=args.seed)
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from l2pd_harness.evaluation import iter_decoded
+    from l2pd_harness.loading import load_model
+
+    cfg = generation_config(args)
     requests = read_requests(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    stops = stop_token_ids(tokenizer, model.config.eos_token_id)
-    with JsonlWriter(args.output) as out, tqdm(total=len(requests), desc="generate", unit="prompt",
-                                               disable=args.output is None) as bar:
-        for batch in batched(requests, args.batch_size):
-            prompts = [encode_prompt(tokenizer, row["prompt"], args.chat_template) for row in batch]
-            for row, prompt, result in zip(batch, prompts, generate(model, prompts, cfg), strict=True):
-                out.write({**row, "text": decode_response(tokenizer, result.token_ids, stops), "nfe": result.nfe,
-                           "tokens_per_step": result.tokens_per_step, "latency_s": round(result.latency_s, 6),
-                           "prompt_tokens": len(prompt)})
-            bar.update(len(batch))
+    with JsonlWriter(args.output) as out:
+        for row in iter_decoded(model, tokenizer, requests, cfg, args.batch_size, args.chat_template,
+                                desc="generate"):
+            out.write(row)
+
+
+def task_name(text: str) -> str:
+    from l2pd_harness.tasks import TASKS
+
+    if text not in TASKS:
+        raise argparse.ArgumentTypeError(f"invalid task {text!r} (choose from {', '.join(sorted(TASKS))})")
+    return text
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "data", help="write problems of a synthetic task as JSONL",
+        description="Write N distinct problems of a task split as JSONL (GSM8K's question/answer fields, plus "
+                    "prompt and task). Train and test splits are disjoint by construction.")
+    p.add_argument("name", type=task_name, help="task: arith or listops")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split (test)")
+    p.add_argument("--n", type=positive_int, default=500, help="number of problems (500)")
+    p.add_argument("--seed", type=int, default=123, help="sampling seed (123)")
+    p.add_argument("--out", type=Path, required=True, help="output JSONL file")
+    p.set_defaults(func=run_data)
+
+
+def run_data(args: argparse.Namespace) -> None:
+    from l2pd_harness.tasks import sample_problems
+
+    with JsonlWriter(args.out) as out:
+        for row in sample_problems(args.name, args.split, args.n, args.seed):
+            out.write(row)
+
+
+def add_grade_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "grade", help="score generated JSONL against its reference answers",
+        description="Grade the 'text' of each row of a `l2pd generate` output against its 'answer', with the "
+                    "grader of its 'task' (arith: the number after ####; listops: exact match). Prints JSON.")
+    p.add_argument("--input", type=Path, required=True, help="JSONL from `l2pd generate` on `l2pd data` output")
+    p.set_defaults(func=run_grade)
+
+
+def run_grade(args: argparse.Namespace) -> None:
+    from l2pd_harness.evaluation import grade_rows
+
+    rows = read_jsonl(args.input, "--input")
+    for number, row in enumerate(rows, start=1):
+        missing = [key for key in ("task", "text", "answer") if key not in row]
+        if missing:
+            raise UsageError(f"--input {str(args.input)!r} row {number} lacks {missing}")
+        task_name(row["task"])
+    correct = grade_rows(rows)
+    report = {}
+    for task in sorted({row["task"] for row in rows}):
+        marks = [c for row, c in zip(rows, correct, strict=True) if row["task"] == task]
+        nfe = [row["nfe"] for row in rows if row["task"] == task and "nfe" in row]
+        report[task] = {"n": len(marks), "accuracy": round(sum(marks) / len(marks), 4),
+                        "mean_nfe": sum(nfe) / len(nfe) if nfe else None}
+    print(json.dumps(report, indent=2))
+
+
+def add_train_base_parser(subparsers: argparse._SubParsersAction) -> None:
+    from l2pd_harness.training.base import BaseTrainConfig
+
+    p = subparsers.add_parser(
+        "train-base", help="train a tiny LLaDA on the task suite (LLaDA SFT objective)",
+        description="Train a tiny LLaDA-architecture model on the synthetic tasks with LLaDA's SFT objective; "
+                    "writes a Hugging Face-layout checkpoint (config.json, model.safetensors, tokenizer) that "
+                    "load_model() reads. Checkpoints every --checkpoint-every steps; --resume continues.")
+    defaults = BaseTrainConfig()
+    p.add_argument("--task", default=",".join(defaults.tasks), help="comma-separated tasks (arith,listops)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    for name in ("steps", "warmup", "tokens_per_batch", "min_gen_length", "max_gen_length", "d_model", "n_layers",
+                 "n_heads", "mlp_hidden_size", "max_sequence_length", "checkpoint_every"):
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(defaults, name),
+                       help=f"({getattr(defaults, name)})")
+    for name in ("lr", "weight_decay", "long_share", "eps"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
+                       help=f"({getattr(defaults, name)})")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"({defaults.seed})")
+    p.add_argument("--device", default="cpu", help="torch device (cpu)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers building batches ahead (0)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.set_defaults(func=run_train_base)
+
+
+def run_train_base(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from l2pd_harness.training.base import BaseTrainConfig, train_base
+
+    settings = {f.name: getattr(args, f.name) for f in fields(BaseTrainConfig) if hasattr(args, f.name)}
+    try:
+        cfg = BaseTrainConfig(**settings, tasks=tuple(task_name(t) for t in args.task.split(",")))
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        raise UsageError(str(err)) from None
+    log = train_base(cfg, args.out, device=args.device, resume=args.resume, num_workers=args.num_workers)
+    print(json.dumps({"steps": log["steps_done"], "wall_time_s": round(log["wall_time_s"], 1),
+                      "final_loss": log["losses"][-1][1] if log["losses"] else None}))
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="decode held-out problems of a task and report accuracy and forward passes",
+        description="Sample held-out problems (as `l2pd data`), decode them (as `l2pd generate`) and grade them "
+                    "(as `l2pd grade`) in one go. Prints a JSON summary.")
+    p.add_argument("--task", type=task_name, required=True, help="arith or listops")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split (test)")
+    p.add_argument("--n", type=positive_int, default=500, help="number of problems (500)")
+    p.add_argument("--data-seed", type=int, default=123, help="problem sampling seed (123)")
+    p.add_argument("--output", type=Path, help="also write the decoded rows as JSONL")
+    add_decode_options(p)
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from l2pd_harness.evaluation import iter_decoded, summarise
+    from l2pd_harness.loading import load_model
+    from l2pd_harness.tasks import sample_problems
+
+    cfg = generation_config(args)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    problems = sample_problems(args.task, args.split, args.n, args.data_seed)
+    rows = list(iter_decoded(model, tokenizer, problems, cfg, args.batch_size, args.chat_template,
+                             desc=f"evaluate {args.task}"))
+    if args.output is not None:
+        with JsonlWriter(args.output) as out:
+            for row in rows:
+                out.write(row)
+    print(json.dumps(summarise(args.task, rows, cfg).as_row()))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="l2pd", description="l2pd-harness: fast, measured decoding of diffusion LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    add_generate_parser(subparsers)
+    for add in (add_generate_parser, add_data_parser, add_grade_parser, add_evaluate_parser, add_train_base_parser):
+        add(subparsers)
     return parser
 
 

@@ -1,0 +1,225 @@
+"""``l2pd train-base``: train a tiny LLaDA on the task suite with LLaDA's supervised fine-tuning objective.
+
+Each sample is a chat-formatted prompt (never masked) followed by the response and end-of-text padding up to a
+canvas length drawn per batch (short canvases mostly, a share up to ``max_gen_length``), so the model answers on
+any canvas it will be decoded on. A masking ratio ``t ~ U(eps, 1)`` per sample masks response positions; the loss is
+the cross-entropy of masked positions weighted by ``1/t``, divided by the canvas length (LLaDA's SFT loss).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from l2pd_harness.loading import load_llada, save_llada
+from l2pd_harness.models.llada import LLaDAConfig, LLaDAModel
+from l2pd_harness.tasks import get_task, iter_problems, vocabulary_corpus
+from l2pd_harness.text import encode_prompt
+from l2pd_harness.tokenizer import build_tokenizer
+
+TRAINER_STATE = "trainer_state.pt"
+TRAINING_LOG = "training_log.json"
+
+
+@dataclass
+class BaseTrainConfig:
+    """Hyper-parameters of ``l2pd train-base``; saved beside the checkpoint."""
+
+    tasks: tuple[str, ...] = ("arith", "listops")
+    """Tasks mixed in equal shares."""
+    steps: int = 20000
+    """Optimiser steps."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay to a tenth)."""
+    warmup: int = 500
+    """Warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    tokens_per_batch: int = 32768
+    """Prompt + canvas positions per batch; the batch size follows from the canvas length drawn."""
+    min_gen_length: int = 64
+    """Shortest canvas drawn."""
+    max_gen_length: int = 1024
+    """Longest canvas drawn."""
+    long_share: float = 0.3
+    """Share of batches whose canvas is drawn from (256, max_gen_length] rather than [min_gen_length, 256]."""
+    eps: float = 1e-3
+    """Smallest masking ratio."""
+    d_model: int = 192
+    """Model width."""
+    n_layers: int = 6
+    """Transformer blocks."""
+    n_heads: int = 6
+    """Attention heads."""
+    mlp_hidden_size: int = 512
+    """SwiGLU inner width."""
+    max_sequence_length: int = 1280
+    """Longest prompt + canvas the model accepts."""
+    seed: int = 0
+    """Seed of initialisation, data and masks."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (model + optimiser, for ``--resume``)."""
+
+    def __post_init__(self) -> None:
+        for name in self.tasks:
+            get_task(name)
+        if not 0 < self.min_gen_length <= 256 < self.max_gen_length:
+            raise ValueError(f"need 0 < min_gen_length ({self.min_gen_length}) <= 256 < max_gen_length "
+                             f"({self.max_gen_length})")
+        if not 0 <= self.long_share <= 1:
+            raise ValueError(f"long_share={self.long_share} must be in [0, 1]")
+        for name in ("steps", "warmup", "tokens_per_batch", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+
+
+def task_corpus(tasks: tuple[str, ...]) -> list[str]:
+    return [text for name in tasks for text in vocabulary_corpus(name)]
+
+
+def learning_rate(cfg: BaseTrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def draw_gen_length(cfg: BaseTrainConfig, rng: random.Random) -> int:
+    if rng.random() < cfg.long_share:
+        return rng.randrange(256 + 8, cfg.max_gen_length + 1, 8)
+    return rng.randrange(cfg.min_gen_length, 256 + 1, 8)
+
+
+def make_batch(cfg: BaseTrainConfig, tokenizer, step: int) -> dict[str, torch.Tensor]:
+    """Prompt + padded response ids for ``step`` (deterministic in ``(seed, step)``, so resume is exact)."""
+    rng = random.Random(f"{cfg.seed}:{step}")
+    gen_length = draw_gen_length(cfg, rng)
+    streams = [iter_problems(name, "train", cfg.seed * 10_000_000 + step) for name in cfg.tasks]
+    batch_size = max(1, cfg.tokens_per_batch // (gen_length + 96))
+    problems = list(itertools.islice(itertools.chain.from_iterable(zip(*streams, strict=True)), batch_size))
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems]
+    answers = [tokenizer(p["answer"], add_special_tokens=False)["input_ids"] for p in problems]
+    gen_length = max(gen_length, max(len(a) for a in answers) + 1)
+    width = max(len(p) for p in prompts)
+    eos = tokenizer.eos_token_id
+    ids = torch.full((len(problems), width + gen_length), eos, dtype=torch.long)
+    attention = torch.ones_like(ids)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        ids[row, width - len(prompt):width] = torch.tensor(prompt)
+        attention[row, : width - len(prompt)] = 0
+        ids[row, width:width + len(answer)] = torch.tensor(answer)
+    return {"ids": ids, "attention": attention, "prompt_width": torch.tensor(width)}
+
+
+class StepBatches(Dataset):
+    """Batch ``i`` is :func:`make_batch` for step ``i``, so DataLoader workers can build batches ahead."""
+
+    def __init__(self, cfg: BaseTrainConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        return make_batch(self.cfg, self.tokenizer, step)
+
+
+def diffusion_loss(model: LLaDAModel, batch: dict[str, torch.Tensor], eps: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """LLaDA SFT loss: masked-token cross-entropy weighted by 1/t, over the canvas length, averaged over samples."""
+    ids, width = batch["ids"], int(batch["prompt_width"])
+    target = ids[:, width:]  # [B, gen_length]
+    device = ids.device
+    t = eps + (1 - eps) * torch.rand(ids.shape[0], device=device, generator=generator)  # [B]
+    masked = torch.rand(target.shape, device=device, generator=generator) < t[:, None]  # [B, gen_length]
+    noisy = ids.clone()
+    noisy[:, width:] = target.masked_fill(masked, model.config.mask_token_id)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(noisy, batch["attention"])[:, width:]  # [B, gen_length, V]
+    ce = F.cross_entropy(logits[masked].float(), target[masked], reduction="none")  # [n_masked]
+    weight = (1 / t)[:, None].expand_as(masked)[masked]  # [n_masked]
+    return (ce * weight).sum() / (target.shape[0] * target.shape[1])
+
+
+def build_model(cfg: BaseTrainConfig, tokenizer) -> LLaDAModel:
+    torch.manual_seed(cfg.seed)
+    model = LLaDAModel(LLaDAConfig(
+        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, mlp_hidden_size=cfg.mlp_hidden_size,
+        vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_sequence_length=cfg.max_sequence_length))
+    for name, param in model.named_parameters():
+        if param.dim() == 2:
+            torch.nn.init.normal_(param, std=0.02 if "ff_out" not in name and "attn_out" not in name
+                                  else 0.02 / math.sqrt(2 * cfg.n_layers))
+    return model
+
+
+def save_checkpoint(out: Path, model: LLaDAModel, tokenizer, optimizer, step: int, log: dict) -> None:
+    """Model files (a loadable checkpoint at every save) and the optimiser state, each replaced atomically."""
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_llada(model, staging)
+    tokenizer.save_pretrained(staging)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, staging / TRAINER_STATE)
+    (staging / TRAINING_LOG).write_text(json.dumps(log, indent=2) + "\n")
+    for file in staging.iterdir():
+        file.replace(out / file.name)
+    staging.rmdir()
+
+
+def train_base(cfg: BaseTrainConfig, out: Path, device: str = "cpu", resume: bool = False,
+               num_workers: int = 0) -> dict:
+    """Train (or resume) into ``out``; returns the training log written beside the model."""
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    if resume and (out / TRAINER_STATE).is_file():
+        model = load_llada(out, device=dev).train()
+        tokenizer = AutoTokenizer.from_pretrained(str(out))
+        state = torch.load(out / TRAINER_STATE, map_location=dev)
+        log = json.loads((out / TRAINING_LOG).read_text())
+    else:
+        tokenizer = build_tokenizer(task_corpus(cfg.tasks))
+        model = build_model(cfg, tokenizer).to(dev).train()
+        state = {"step": 0}
+        log = {"config": asdict(cfg), "device": device, "wall_time_s": 0.0, "losses": []}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    start_step, started, window = state["step"], time.perf_counter(), []
+    batches = DataLoader(StepBatches(cfg, tokenizer), sampler=range(start_step, cfg.steps), batch_size=None,
+                         num_workers=num_workers, prefetch_factor=8 if num_workers else None)
+    bar = tqdm(zip(range(start_step, cfg.steps), batches, strict=False), initial=start_step, total=cfg.steps,
+               desc="train-base", unit="step")
+    for step, batch in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        generator = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + step)
+        batch = {k: v if k == "prompt_width" else v.to(dev, non_blocking=True) for k, v in batch.items()}
+        loss = diffusion_loss(model, batch, cfg.eps, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(loss.detach())
+        if (step + 1) % 50 == 0:
+            log["losses"].append([step + 1, torch.stack(window).mean().item()])
+            bar.set_postfix(loss=f"{log['losses'][-1][1]:.4f}")
+            window = []
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            log["wall_time_s"] += time.perf_counter() - started
+            started = time.perf_counter()
+            log["steps_done"] = step + 1
+            save_checkpoint(out, model, tokenizer, optimizer, step + 1, log)
+    return log

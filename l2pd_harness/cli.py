@@ -191,6 +191,19 @@ def run_grade(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source (one description, used as --help)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: " ".join(after.value.value.split())
+            for node, after in zip(body, body[1:], strict=False)
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)}
+
+
 def add_train_base_parser(subparsers: argparse._SubParsersAction) -> None:
     from l2pd_harness.training.base import BaseTrainConfig
 
@@ -199,20 +212,22 @@ def add_train_base_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Train a tiny LLaDA-architecture model on the synthetic tasks with LLaDA's SFT objective; "
                     "writes a Hugging Face-layout checkpoint (config.json, model.safetensors, tokenizer) that "
                     "load_model() reads. Checkpoints every --checkpoint-every steps; --resume continues.")
-    defaults = BaseTrainConfig()
+    defaults, docs = BaseTrainConfig(), field_docs(BaseTrainConfig)
     p.add_argument("--task", default=",".join(defaults.tasks), help="comma-separated tasks (arith,listops)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     for name in ("steps", "warmup", "tokens_per_batch", "min_gen_length", "max_gen_length", "d_model", "n_layers",
                  "n_heads", "mlp_hidden_size", "max_sequence_length", "checkpoint_every"):
         p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(defaults, name),
-                       help=f"({getattr(defaults, name)})")
+                       help=f"{docs[name]} ({getattr(defaults, name)})")
     for name in ("lr", "weight_decay", "long_share", "eps"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
-                       help=f"({getattr(defaults, name)})")
-    p.add_argument("--seed", type=int, default=defaults.seed, help=f"({defaults.seed})")
+                       help=f"{docs[name]} ({getattr(defaults, name)})")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"{docs['seed']} ({defaults.seed})")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers building batches ahead (0)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this checkpoint's weights and tokenizer with a fresh optimiser and schedule")
     p.set_defaults(func=run_train_base)
 
 
@@ -226,7 +241,8 @@ def run_train_base(args: argparse.Namespace) -> None:
         cfg = BaseTrainConfig(**settings, tasks=tuple(task_name(t) for t in args.task.split(",")))
     except (ValueError, argparse.ArgumentTypeError) as err:
         raise UsageError(str(err)) from None
-    log = train_base(cfg, args.out, device=args.device, resume=args.resume, num_workers=args.num_workers)
+    log = train_base(cfg, args.out, device=args.device, resume=args.resume, num_workers=args.num_workers,
+                     init_from=args.init_from)
     print(json.dumps({"steps": log["steps_done"], "wall_time_s": round(log["wall_time_s"], 1),
                       "final_loss": log["losses"][-1][1] if log["losses"] else None}))
 

@@ -1,7 +1,9 @@
 """``arith``: GSM8K-style multi-step word problems (2-4 additions/subtractions) with worked solutions.
 
 The solution has one line per operation (``12 + 7 = 19``) and a final ``#### 14`` line, in GSM8K's JSONL format.
-Additions are sometimes written with the operands swapped: that surface ambiguity is what parallel decoding trips on.
+Two free choices in the surface form are what parallel decoding trips on, as it does on real chat outputs: a line may
+open with a filler word (`` Then``, `` Next``, `` Later``), which shifts every later token by one position, and an
+addition may list its operands in either order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ LOSS = ("{p} gives {n} {items} to {friend}.", "{p} loses {n} {items}.", "{p} sel
 QUESTIONS = ("How many {items} does {name} have now?", "How many {items} does {name} have in the end?")
 PRONOUNS = {"he": "him", "she": "her"}
 FEMININE = {"Mia", "Ava", "Zoe", "Ivy", "Emma", "Lily", "Ella", "Ruby", "Nora", "Rosa"}
+LINE_OPENERS = ("", " Then ", " Next ", " Later ")
 MAX_TOTAL, MAX_OPERAND = 60, 15
 
 
@@ -41,11 +44,12 @@ def make_problem(rng: random.Random) -> dict[str, str]:
         sentences.append(sentence if index == 0 else f"{rng.choice(CONNECTORS)} {sentence}")
         if gain:
             left, right = (amount, total) if rng.random() < 0.3 else (total, amount)
-            lines.append(f"{left} + {right} = {total + amount}")
+            equation = f"{left} + {right} = {total + amount}"
             total += amount
         else:
-            lines.append(f"{total} - {amount} = {total - amount}")
+            equation = f"{total} - {amount} = {total - amount}"
             total -= amount
+        lines.append(rng.choice(LINE_OPENERS) + equation)
     sentences.append(rng.choice(QUESTIONS).format(items=items, name=name))
     return {"question": " ".join(sentences), "answer": "\n".join([*lines, f"#### {total}"])}
 

@@ -180,8 +180,8 @@ def save_checkpoint(out: Path, model: LLaDAModel, tokenizer, optimizer, step: in
 
 
 def train_base(cfg: BaseTrainConfig, out: Path, device: str = "cpu", resume: bool = False,
-               num_workers: int = 0) -> dict:
-    """Train (or resume) into ``out``; returns the training log written beside the model."""
+               num_workers: int = 0, init_from: Path | None = None) -> dict:
+    """Train into ``out`` (from scratch, from ``init_from``'s weights, or resuming ``out``); returns the log."""
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     if resume and (out / TRAINER_STATE).is_file():
@@ -190,10 +190,16 @@ def train_base(cfg: BaseTrainConfig, out: Path, device: str = "cpu", resume: boo
         state = torch.load(out / TRAINER_STATE, map_location=dev)
         log = json.loads((out / TRAINING_LOG).read_text())
     else:
-        tokenizer = build_tokenizer(task_corpus(cfg.tasks))
-        model = build_model(cfg, tokenizer).to(dev).train()
+        if init_from is None:
+            tokenizer = build_tokenizer(task_corpus(cfg.tasks))
+            model = build_model(cfg, tokenizer).to(dev).train()
+            earlier = []
+        else:  # a new schedule and optimiser on top of an earlier run's weights
+            tokenizer = AutoTokenizer.from_pretrained(str(init_from))
+            model = load_llada(init_from, device=dev).train()
+            earlier = [json.loads((init_from / TRAINING_LOG).read_text())]
         state = {"step": 0}
-        log = {"config": asdict(cfg), "device": device, "wall_time_s": 0.0, "losses": []}
+        log = {"config": asdict(cfg), "device": device, "wall_time_s": 0.0, "losses": [], "earlier_runs": earlier}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])

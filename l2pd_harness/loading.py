@@ -142,6 +142,20 @@ def _load_remote_code(ckpt: Path, dtype: torch.dtype, device: str | torch.device
     return RemoteCodeLM(model.to(device).eval(), ids)
 
 
+def load_tokenizer(ckpt: Path):
+    """``AutoTokenizer`` of ``ckpt``, without transformers' warning that it does not know ``model_type: llada``
+    (it reads config.json only to look for a tokenizer class; the tokenizer files name theirs)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(ckpt))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_model(pretrained: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu",
                backend: str = "native"):
     """Load ``(model, tokenizer)``; the model maps ``input_ids [B, T]`` to logits ``[B, T, vocab]``.
@@ -149,13 +163,11 @@ def load_model(pretrained: str | os.PathLike | None = None, dtype: str = "float3
     ``pretrained``: a local checkpoint directory, a hub id already in the local HF cache, or ``None`` for the
     shipped tiny model. ``backend``: ``native`` (this package's LLaDA) or ``hf`` (the checkpoint's remote code).
     """
-    from transformers import AutoTokenizer
-
     if backend not in BACKENDS:
         raise ModelLoadError(f"backend {backend!r} is not one of {list(BACKENDS)}")
     torch_dtype = parse_dtype(dtype)
     ckpt = resolve_checkpoint(pretrained)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    tokenizer = load_tokenizer(ckpt)
     if backend == "native":
         return load_llada(ckpt, torch_dtype, device), tokenizer
     return _load_remote_code(ckpt, torch_dtype, device, tokenizer), tokenizer

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
-from l2pd_harness.loading import load_llada, save_llada
+from l2pd_harness.loading import load_llada, load_tokenizer, save_llada
 from l2pd_harness.models.llada import LLaDAConfig, LLaDAModel
 from l2pd_harness.tasks import get_task, iter_problems, vocabulary_corpus
 from l2pd_harness.text import encode_prompt
@@ -186,7 +185,7 @@ def train_base(cfg: BaseTrainConfig, out: Path, device: str = "cpu", resume: boo
     dev = torch.device(device)
     if resume and (out / TRAINER_STATE).is_file():
         model = load_llada(out, device=dev).train()
-        tokenizer = AutoTokenizer.from_pretrained(str(out))
+        tokenizer = load_tokenizer(out)
         state = torch.load(out / TRAINER_STATE, map_location=dev)
         log = json.loads((out / TRAINING_LOG).read_text())
     else:
@@ -195,7 +194,7 @@ def train_base(cfg: BaseTrainConfig, out: Path, device: str = "cpu", resume: boo
             model = build_model(cfg, tokenizer).to(dev).train()
             earlier = []
         else:  # a new schedule and optimiser on top of an earlier run's weights
-            tokenizer = AutoTokenizer.from_pretrained(str(init_from))
+            tokenizer = load_tokenizer(init_from)
             model = load_llada(init_from, device=dev).train()
             earlier = [json.loads((init_from / TRAINING_LOG).read_text())]
         state = {"step": 0}

@@ -135,24 +135,24 @@ def generate(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig) 
     x = torch.cat([prompt_ids, canvas], dim=1)  # [B, P + gen_length]
     attention_mask = torch.cat([prompt_mask, torch.ones_like(canvas)], dim=1)
     is_prompt = torch.cat([prompt_mask.bool(), torch.zeros_like(canvas, dtype=torch.bool)], dim=1)
-    position = torch.arange(cfg.gen_length, device=device)  # [gen_length]
     committed_per_step: list[torch.Tensor] = []
     start = time.perf_counter()
     for block in range(cfg.num_blocks):
-        in_block = (position >= block * cfg.block_length) & (position < (block + 1) * cfg.block_length)
-        block_masked = (x[:, prompt_width:] == mask_id) & in_block  # [B, gen_length]
-        quota = linear_schedule(block_masked.sum(-1), cfg.steps_per_block)  # [B, steps_per_block]
+        # Columns of this block in x; only they are scored (a float64 softmax over the whole canvas would cost
+        # gen_length * vocab * 8 bytes per row, gigabytes for LLaDA-8B at long canvases).
+        lo = prompt_width + block * cfg.block_length
+        hi = lo + cfg.block_length
+        quota = linear_schedule((x[:, lo:hi] == mask_id).sum(-1), cfg.steps_per_block)  # [B, steps_per_block]
         for step in range(cfg.steps_per_block):
-            logits = guided_logits(model, x, attention_mask, is_prompt, mask_id, cfg.cfg_scale)
-            logits = logits[:, prompt_width:]  # [B, gen_length, V]
-            prediction = gumbel_argmax(logits, cfg.temperature, generator)  # [B, gen_length]
+            logits = guided_logits(model, x, attention_mask, is_prompt, mask_id, cfg.cfg_scale)[:, lo:hi]
+            prediction = gumbel_argmax(logits, cfg.temperature, generator)  # [B, block_length]
             if cfg.remasking == "low_confidence":
                 score = logits.double().softmax(-1).gather(-1, prediction[..., None]).squeeze(-1)
             else:
                 score = torch.rand(prediction.shape, dtype=torch.float64, device=device, generator=generator)
-            candidates = (x[:, prompt_width:] == mask_id) & in_block  # [B, gen_length]
-            commit = top_k_commit(score, candidates, quota[:, step])  # [B, gen_length]
-            x[:, prompt_width:] = torch.where(commit, prediction, x[:, prompt_width:])
+            candidates = x[:, lo:hi] == mask_id  # [B, block_length]
+            commit = top_k_commit(score, candidates, quota[:, step])  # [B, block_length]
+            x[:, lo:hi] = torch.where(commit, prediction, x[:, lo:hi])
             committed_per_step.append(commit.sum(-1))
     latency = time.perf_counter() - start
     tokens_per_step = torch.stack(committed_per_step, dim=1).tolist()  # [B, steps]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -241,8 +242,13 @@ def run_train_base(args: argparse.Namespace) -> None:
         cfg = BaseTrainConfig(**settings, tasks=tuple(task_name(t) for t in args.task.split(",")))
     except (ValueError, argparse.ArgumentTypeError) as err:
         raise UsageError(str(err)) from None
-    log = train_base(cfg, args.out, device=args.device, resume=args.resume, num_workers=args.num_workers,
-                     init_from=args.init_from)
+    if args.resume and args.init_from is not None:
+        raise UsageError("--resume continues --out's own run; it cannot be combined with --init-from")
+    try:
+        log = train_base(cfg, args.out, device=args.device, resume=args.resume, num_workers=args.num_workers,
+                         init_from=args.init_from)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
     print(json.dumps({"steps": log["steps_done"], "wall_time_s": round(log["wall_time_s"], 1),
                       "final_loss": log["losses"][-1][1] if log["losses"] else None}))
 
@@ -269,12 +275,13 @@ def run_evaluate(args: argparse.Namespace) -> None:
     cfg = generation_config(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     problems = sample_problems(args.task, args.split, args.n, args.data_seed)
-    rows = list(iter_decoded(model, tokenizer, problems, cfg, args.batch_size, args.chat_template,
-                             desc=f"evaluate {args.task}"))
-    if args.output is not None:
-        with JsonlWriter(args.output) as out:
-            for row in rows:
-                out.write(row)
+    rows = []
+    with JsonlWriter(args.output) if args.output is not None else contextlib.nullcontext() as out:
+        for row in iter_decoded(model, tokenizer, problems, cfg, args.batch_size, args.chat_template,
+                                desc=f"evaluate {args.task}"):
+            rows.append(row)
+            if out is not None:
+                out.write(row)  # as they come, so a crash keeps the finished rows
     print(json.dumps(summarise(args.task, rows, cfg).as_row()))
 
 

@@ -178,27 +178,32 @@ def save_checkpoint(out: Path, model: LLaDAModel, tokenizer, optimizer, step: in
     staging.rmdir()
 
 
+def _starting_point(cfg: BaseTrainConfig, out: Path, dev: torch.device, resume: bool, init_from: Path | None):
+    """``(model, tokenizer, trainer state, log)`` to start from: ``out``'s checkpoint when resuming, else a fresh
+    model or ``init_from``'s weights with a new optimiser and schedule."""
+    if resume:
+        if not (out / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"--resume: {str(out)!r} holds no {TRAINER_STATE} to resume from")
+        state = torch.load(out / TRAINER_STATE, map_location=dev)
+        log = json.loads((out / TRAINING_LOG).read_text())
+        return load_llada(out, device=dev).train(), load_tokenizer(out), state, log
+    if init_from is None:
+        tokenizer = build_tokenizer(task_corpus(cfg.tasks))
+        model, earlier = build_model(cfg, tokenizer).to(dev).train(), []
+    else:
+        tokenizer = load_tokenizer(init_from)
+        model = load_llada(init_from, device=dev).train()
+        earlier = [json.loads((init_from / TRAINING_LOG).read_text())]
+    log = {"config": asdict(cfg), "device": str(dev), "wall_time_s": 0.0, "losses": [], "earlier_runs": earlier}
+    return model, tokenizer, {"step": 0}, log
+
+
 def train_base(cfg: BaseTrainConfig, out: Path, device: str = "cpu", resume: bool = False,
                num_workers: int = 0, init_from: Path | None = None) -> dict:
     """Train into ``out`` (from scratch, from ``init_from``'s weights, or resuming ``out``); returns the log."""
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
-    if resume and (out / TRAINER_STATE).is_file():
-        model = load_llada(out, device=dev).train()
-        tokenizer = load_tokenizer(out)
-        state = torch.load(out / TRAINER_STATE, map_location=dev)
-        log = json.loads((out / TRAINING_LOG).read_text())
-    else:
-        if init_from is None:
-            tokenizer = build_tokenizer(task_corpus(cfg.tasks))
-            model = build_model(cfg, tokenizer).to(dev).train()
-            earlier = []
-        else:  # a new schedule and optimiser on top of an earlier run's weights
-            tokenizer = load_tokenizer(init_from)
-            model = load_llada(init_from, device=dev).train()
-            earlier = [json.loads((init_from / TRAINING_LOG).read_text())]
-        state = {"step": 0}
-        log = {"config": asdict(cfg), "device": device, "wall_time_s": 0.0, "losses": [], "earlier_runs": earlier}
+    model, tokenizer, state, log = _starting_point(cfg, out, dev, resume, init_from)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])

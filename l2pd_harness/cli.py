@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -35,21 +36,28 @@ def positive_int(text: str) -> int:
 
 
 def add_decode_options(p: argparse.ArgumentParser) -> None:
-    """Options of the reference sampler and the model, shared by ``generate`` and ``evaluate``."""
+    """Options of the decode engine and the model, shared by ``generate`` and ``evaluate``."""
+    from l2pd_harness.decoding.config import CACHES, POLICIES, REMASKING, DecodeConfig
+
+    defaults, docs = DecodeConfig(), field_docs(DecodeConfig)
     p.add_argument("--model", default=None,
                    help="checkpoint directory or hub id in the local HF cache (default: the shipped tiny model)")
-    p.add_argument("--gen-length", type=positive_int, default=256, help="canvas positions after the prompt (256)")
-    p.add_argument("--block-length", type=positive_int, default=32,
-                   help="positions per semi-autoregressive block; must divide --gen-length (32)")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help="forward passes in total, a multiple of the block count (default: --gen-length, "
-                        "one token per step)")
-    p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
-                   help="which masked positions get each step's quota (low_confidence)")
-    p.add_argument("--temperature", type=float, default=0.0, help="Gumbel-noise temperature; 0 is greedy (0)")
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale; 0 is off (0)")
+    p.add_argument("--policy", default=defaults.policy, choices=POLICIES, help=f"{docs['policy']} (fixed)")
+    for name in ("gen_length", "block_length", "batch_size"):
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(defaults, name),
+                       help=f"{docs[name]} ({getattr(defaults, name)})")
+    p.add_argument("--steps", type=positive_int, default=None, help=docs["steps"])
+    p.add_argument("--remasking", default=defaults.remasking, choices=REMASKING,
+                   help=f"{docs['remasking']} ({defaults.remasking})")
+    for name in ("threshold", "factor", "temperature"):
+        p.add_argument("--" + name, type=float, default=getattr(defaults, name),
+                       help=f"{docs[name]} ({getattr(defaults, name)})")
+    p.add_argument("--eotp", action=argparse.BooleanOptionalAction, default=defaults.eotp,
+                   help=f"{docs['eotp']} (off)")
+    p.add_argument("--cache", default=defaults.cache, choices=CACHES, help=f"{docs['cache']} ({defaults.cache})")
+    p.add_argument("--references", type=Path, default=None,
+                   help="policy oracle: an earlier `l2pd generate` output over the same prompts (its 'canvas')")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choices (0)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts decoded together (16)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (cpu)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
@@ -111,27 +119,55 @@ class JsonlWriter:
                 os.replace(self.partial, self.path)
 
 
-def generation_config(args: argparse.Namespace):
-    from l2pd_harness.decoding.reference import GenerationConfig
+def decode_config(args: argparse.Namespace):
+    from l2pd_harness.decoding.config import DecodeConfig
 
     try:
-        return GenerationConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-                                remasking=args.remasking, temperature=args.temperature, cfg_scale=args.cfg_scale,
-                                seed=args.seed)
+        return DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=args.policy,
+                            steps=args.steps, remasking=args.remasking, threshold=args.threshold,
+                            factor=args.factor, eotp=args.eotp, cache=args.cache, temperature=args.temperature,
+                            seed=args.seed, batch_size=args.batch_size)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
 
-def run_generate(args: argparse.Namespace) -> None:
+def read_references(args: argparse.Namespace, count: int) -> list[list[int]] | None:
+    """The oracle's targets: the ``canvas`` of each row of ``--references`` (required by, and only for, oracle)."""
+    if args.policy != "oracle":
+        if args.references is not None:
+            raise UsageError(f"--references is only used by --policy oracle (got --policy {args.policy})")
+        return None
+    if args.references is None:
+        raise UsageError("--policy oracle needs --references FILE: an earlier `l2pd generate` output over the "
+                         "same prompts")
+    rows = read_jsonl(args.references, "--references")
+    if len(rows) != count or any(not isinstance(row.get("canvas"), list) for row in rows):
+        raise UsageError(f"--references {str(args.references)!r} must hold {count} rows with a 'canvas' list "
+                         f"(one per prompt, from `l2pd generate`), found {len(rows)} rows")
+    return [row["canvas"] for row in rows]
+
+
+def decoded_rows(args: argparse.Namespace, requests: list[dict], desc: str) -> Iterator[dict]:
+    """Check the settings, load the model, and return the decoded ``requests`` as an iterator in input order
+    (nothing is written before the settings are known to be good)."""
+    from l2pd_harness.decoding.policies import build_policy
     from l2pd_harness.evaluation import iter_decoded
     from l2pd_harness.loading import load_model
 
-    cfg = generation_config(args)
-    requests = read_requests(args)
+    cfg = decode_config(args)
+    try:
+        build_policy(cfg)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    references = read_references(args, len(requests))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    return iter_decoded(model, tokenizer, requests, cfg, args.chat_template, references, desc=desc)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    requests = read_requests(args)
     with JsonlWriter(args.output) as out:
-        for row in iter_decoded(model, tokenizer, requests, cfg, args.batch_size, args.chat_template,
-                                desc="generate"):
+        for row in decoded_rows(args, requests, "generate"):
             out.write(row)
 
 
@@ -268,21 +304,17 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from l2pd_harness.evaluation import iter_decoded, summarise
-    from l2pd_harness.loading import load_model
+    from l2pd_harness.evaluation import summarise
     from l2pd_harness.tasks import sample_problems
 
-    cfg = generation_config(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     problems = sample_problems(args.task, args.split, args.n, args.data_seed)
     rows = []
     with JsonlWriter(args.output) if args.output is not None else contextlib.nullcontext() as out:
-        for row in iter_decoded(model, tokenizer, problems, cfg, args.batch_size, args.chat_template,
-                                desc=f"evaluate {args.task}"):
+        for row in decoded_rows(args, problems, f"evaluate {args.task}"):
             rows.append(row)
             if out is not None:
                 out.write(row)  # as they come, so a crash keeps the finished rows
-    print(json.dumps(summarise(args.task, rows, cfg).as_row()))
+    print(json.dumps(summarise(args.task, rows, decode_config(args)).as_row()))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from l2pd_harness.decoding.reference import GenerationConfig, generate
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.tasks import get_task
 from l2pd_harness.text import decode_response, encode_prompt, stop_token_ids
 
@@ -26,20 +27,28 @@ class EvalSummary:
                 "gen_length": self.gen_length, "tokens_per_step": self.tokens_per_step}
 
 
-def iter_decoded(model, tokenizer, rows: list[dict], cfg: GenerationConfig, batch_size: int,
-                 chat_template: bool = True, desc: str = "decode") -> Iterator[dict]:
-    """Each row (with a ``prompt``) plus ``text``, ``nfe``, ``tokens_per_step``, ``latency_s``, ``prompt_tokens``,
-    yielded batch by batch so a caller can write results as they come."""
+def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_template: bool = True,
+                 references: list[list[int]] | None = None, desc: str = "decode") -> Iterator[dict]:
+    """Each row (with a ``prompt``) plus its text and step log (``nfe``, ``tokens_per_step``,
+    ``positions_per_step``, ``latency_s``, ``prompt_tokens``, ``generated_tokens``), in input order, each as soon
+    as it and every row before it are finished, so a caller can write results as they come."""
     stops = stop_token_ids(tokenizer, model.config.eos_token_id)
+    prompts = [encode_prompt(tokenizer, row["prompt"], chat_template) for row in rows]
+    engine = Engine(model, cfg, eot_ids=stops)
+    done: dict[int, dict] = {}
+    next_index = 0
     with tqdm(total=len(rows), desc=desc, unit="prompt") as bar:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            prompts = [encode_prompt(tokenizer, row["prompt"], chat_template) for row in batch]
-            for row, prompt, result in zip(batch, prompts, generate(model, prompts, cfg), strict=True):
-                yield {**row, "text": decode_response(tokenizer, result.token_ids, stops), "nfe": result.nfe,
-                       "tokens_per_step": result.tokens_per_step, "latency_s": round(result.latency_s, 6),
-                       "prompt_tokens": len(prompt)}
-            bar.update(len(batch))
+        for index, result in engine.stream(prompts, references):
+            text = decode_response(tokenizer, result.token_ids, stops)
+            generated = next((i for i, tok in enumerate(result.token_ids) if tok in stops), cfg.gen_length)
+            done[index] = {**rows[index], "text": text, "nfe": result.nfe, "tokens_per_step": result.tokens_per_step,
+                           "positions_per_step": result.positions_per_step, "latency_s": round(result.latency_s, 6),
+                           "prompt_tokens": len(prompts[index]), "generated_tokens": generated,
+                           "canvas": result.token_ids}
+            bar.update(1)
+            while next_index in done:
+                yield done.pop(next_index)
+                next_index += 1
 
 
 def grade_rows(rows: list[dict]) -> list[bool]:
@@ -47,8 +56,8 @@ def grade_rows(rows: list[dict]) -> list[bool]:
     return [get_task(row["task"]).grade(row["text"], row["answer"]) for row in rows]
 
 
-def summarise(task: str, rows: list[dict], cfg: GenerationConfig) -> EvalSummary:
+def summarise(task: str, rows: list[dict], cfg: DecodeConfig) -> EvalSummary:
     correct = grade_rows(rows)
-    return EvalSummary(task=task, n=len(rows), accuracy=sum(correct) / len(rows),
-                       mean_nfe=sum(r["nfe"] for r in rows) / len(rows), gen_length=cfg.gen_length,
-                       tokens_per_step=cfg.gen_length / cfg.steps)
+    nfe = sum(r["nfe"] for r in rows)
+    return EvalSummary(task=task, n=len(rows), accuracy=sum(correct) / len(rows), mean_nfe=nfe / len(rows),
+                       gen_length=cfg.gen_length, tokens_per_step=sum(sum(r["tokens_per_step"]) for r in rows) / nfe)

@@ -120,8 +120,14 @@ class RemoteCodeLM(nn.Module):
         super().__init__()
         self.inner, self.config = model, config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.inner(input_ids, attention_mask=attention_mask).logits[..., : self.config.vocab_size]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache=None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        if kv_cache is not None:
+            raise ValueError("backend='hf' has no KV cache support; use cache='none' or backend='native'")
+        logits = self.inner(input_ids, attention_mask=attention_mask).logits[..., : self.config.vocab_size]
+        if logits_index is None:
+            return logits
+        return logits.gather(1, logits_index[..., None].expand(-1, -1, logits.shape[-1]))
 
 
 def _load_remote_code(ckpt: Path, dtype: torch.dtype, device: str | torch.device, tokenizer) -> RemoteCodeLM:

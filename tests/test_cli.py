@@ -18,7 +18,8 @@ def l2pd(*args: str) -> subprocess.CompletedProcess:
 def test_help_documents_every_option() -> None:
     out = l2pd("generate", "--help").stdout
     for option in ("--model", "--prompt", "--input", "--output", "--gen-length", "--block-length", "--steps",
-                   "--remasking", "--temperature", "--cfg-scale", "--batch-size", "--dtype", "--device", "--seed"):
+                   "--remasking", "--temperature", "--batch-size", "--dtype", "--device", "--seed", "--policy",
+                   "--threshold", "--factor", "--eotp", "--no-eotp", "--cache", "--references"):
         assert option in out
 
 
@@ -33,7 +34,9 @@ def test_generate_jsonl_round_trip(random_checkpoint: Path, tmp_path: Path) -> N
     assert [r["id"] for r in rows] == [0, 1]
     for row in rows:
         assert row["nfe"] == 8 and sum(row["tokens_per_step"]) == 16 and len(row["tokens_per_step"]) == 8
+        assert row["positions_per_step"] == [row["prompt_tokens"] + 16] * 8  # no cache: the whole sequence
         assert isinstance(row["text"], str) and row["latency_s"] > 0 and row["prompt_tokens"] > 2
+        assert len(row["canvas"]) == 16 and 0 <= row["generated_tokens"] <= 16
     assert not (tmp_path / "out.jsonl.partial").exists()
 
 
@@ -48,6 +51,13 @@ def test_single_prompt_prints_json(random_checkpoint: Path) -> None:
     (["--gen-length", "32", "--block-length", "7"], "block_length=7 must be a positive divisor of gen_length=32"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     (["--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+    (["--policy", "foo"], "argument --policy: invalid choice: 'foo' (choose from 'fixed', 'threshold', "
+                          "'factor', 'oracle', 'learned')"),
+    (["--policy", "threshold", "--threshold", "1.5"], "threshold=1.5 must be in (0, 1]"),
+    (["--cache", "ring"], "argument --cache: invalid choice: 'ring' (choose from 'none', 'prefix', 'dual')"),
+    (["--policy", "oracle"], "--policy oracle needs --references FILE"),
+    (["--policy", "learned"], "policy 'learned' needs a trained filter"),
+    (["--policy", "factor", "--factor", "0"], "factor=0.0 must be > 0"),
 ])
 def test_bad_values_give_one_line_and_exit_2(random_checkpoint: Path, args: list[str], expected: str) -> None:
     result = l2pd("generate", "--model", str(random_checkpoint), "--prompt", "hi", *args)

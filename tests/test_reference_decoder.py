@@ -1,4 +1,4 @@
-"""The LLaDA reference sampler: schedule, commit rule, and whole decodes on a tiny random model."""
+"""The engine with the ``fixed`` policy is LLaDA's reference sampler: whole decodes on a tiny random model."""
 
 from __future__ import annotations
 
@@ -7,30 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2pd_harness.decoding.reference import GenerationConfig, generate, linear_schedule, top_k_commit
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.engine import generate
 from l2pd_harness.loading import load_model
-
-
-def test_linear_schedule_spreads_remainder_to_first_steps() -> None:
-    quota = linear_schedule(torch.tensor([32, 5, 0]), steps=4)
-    assert quota.tolist() == [[8, 8, 8, 8], [2, 1, 1, 1], [0, 0, 0, 0]]
-
-
-@pytest.mark.parametrize("batch", [1, 2, 32])
-def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
-    gen = torch.Generator().manual_seed(batch)
-    score = torch.rand(batch, 16, generator=gen)
-    candidates = torch.rand(batch, 16, generator=gen) < 0.6
-    quota = torch.randint(0, 5, (batch,), generator=gen)
-    commit = top_k_commit(score, candidates, quota)
-    for row in range(batch):
-        expected_count = min(int(quota[row]), int(candidates[row].sum()))
-        assert commit[row].sum() == expected_count
-        assert not (commit[row] & ~candidates[row]).any()
-        chosen = score[row][commit[row]]
-        left_out = score[row][candidates[row] & ~commit[row]]
-        if len(chosen) and len(left_out):
-            assert chosen.min() >= left_out.max()
 
 
 def llada_loop_reference(model, prompt: list[int], gen_length: int, block_length: int, steps: int) -> list[int]:
@@ -59,7 +38,7 @@ def llada_loop_reference(model, prompt: list[int], gen_length: int, block_length
 def test_matches_plain_llada_loop(random_checkpoint: Path, steps: int) -> None:
     model, _ = load_model(random_checkpoint)
     prompt = [1, 5, 9, 12, 7, 3 + 4]
-    cfg = GenerationConfig(gen_length=32, block_length=8, steps=steps)
+    cfg = DecodeConfig(gen_length=32, block_length=8, steps=steps)
     with torch.no_grad():
         expected = llada_loop_reference(model, prompt, 32, 8, steps)
     (result,) = generate(model, [prompt], cfg)
@@ -71,14 +50,14 @@ def test_matches_plain_llada_loop(random_checkpoint: Path, steps: int) -> None:
 
 def test_one_token_per_step_at_full_steps(random_checkpoint: Path) -> None:
     model, _ = load_model(random_checkpoint)
-    (result,) = generate(model, [[1, 2, 3]], GenerationConfig(gen_length=16, block_length=8))
+    (result,) = generate(model, [[1, 2, 3]], DecodeConfig(gen_length=16, block_length=8))
     assert result.tokens_per_step == [1] * 16
 
 
 def test_left_padded_batch_equals_single_decodes(random_checkpoint: Path) -> None:
     model, _ = load_model(random_checkpoint)
     prompts = [[1, 5, 9], [1, 12, 7, 8, 20, 21, 11], [4] * 12]
-    cfg = GenerationConfig(gen_length=24, block_length=8, steps=12)
+    cfg = DecodeConfig(gen_length=24, block_length=8, steps=12)
     together = generate(model, prompts, cfg)
     alone = [generate(model, [p], cfg)[0] for p in prompts]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
@@ -86,13 +65,13 @@ def test_left_padded_batch_equals_single_decodes(random_checkpoint: Path) -> Non
 
 def test_sampling_options_are_seeded(random_checkpoint: Path) -> None:
     model, _ = load_model(random_checkpoint)
-    greedy = generate(model, [[1, 2, 3]], GenerationConfig(gen_length=16, block_length=16))[0].token_ids
-    for options in ({"temperature": 1.0}, {"remasking": "random"}, {"cfg_scale": 2.0}):
-        cfg = GenerationConfig(gen_length=16, block_length=16, seed=3, **options)
+    greedy = generate(model, [[1, 2, 3]], DecodeConfig(gen_length=16, block_length=16))[0].token_ids
+    for options in ({"temperature": 1.0}, {"remasking": "random"}):
+        cfg = DecodeConfig(gen_length=16, block_length=16, seed=3, **options)
         first, second = (generate(model, [[1, 2, 3]], cfg)[0].token_ids for _ in range(2))
         assert first == second, options
         assert model.config.mask_token_id not in first
-    sampled = [generate(model, [[1, 2, 3]], GenerationConfig(gen_length=16, block_length=16, temperature=1.0,
+    sampled = [generate(model, [[1, 2, 3]], DecodeConfig(gen_length=16, block_length=16, temperature=1.0,
                                                             seed=s))[0].token_ids for s in range(4)]
     assert any(s != greedy for s in sampled)
 
@@ -105,4 +84,4 @@ def test_sampling_options_are_seeded(random_checkpoint: Path) -> None:
 ])
 def test_bad_settings_name_the_value(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        GenerationConfig(**settings)
+        DecodeConfig(**settings)

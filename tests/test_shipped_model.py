@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from l2pd_harness.decoding.reference import GenerationConfig
+from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.evaluation import grade_rows, iter_decoded
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, load_model
 from l2pd_harness.tasks import sample_problems
@@ -26,13 +26,13 @@ def test_default_is_the_shipped_checkpoint(shipped) -> None:
 def test_solves_the_first_held_out_problems(shipped, task: str) -> None:
     model, tokenizer = shipped
     problems = sample_problems(task, "test", 8, seed=123)  # the first 8 of `l2pd data TASK --seed 123`
-    rows = list(iter_decoded(model, tokenizer, problems, GenerationConfig(gen_length=64, block_length=32), 8))
+    rows = list(iter_decoded(model, tokenizer, problems, DecodeConfig(gen_length=64, block_length=32)))
     assert grade_rows(rows) == [True] * 8, [(r["answer"], r["text"]) for r in rows]
 
 
 def test_golden_output(shipped) -> None:
     model, tokenizer = shipped
     (problem,) = sample_problems("arith", "test", 1, seed=123)
-    (row,) = iter_decoded(model, tokenizer, [problem], GenerationConfig(gen_length=64, block_length=32), 1)
+    (row,) = iter_decoded(model, tokenizer, [problem], DecodeConfig(gen_length=64, block_length=32))
     assert row["text"] == " Next 27 + 9 = 36\n Later 36 - 13 = 23\n#### 23"
     assert row["tokens_per_step"] == [1] * 64

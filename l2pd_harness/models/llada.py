@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from l2pd_harness.decoding.kv_cache import CachePass
 
 # config.json keys that describe training only (dropout, initialisation, precision, provenance): read and ignored.
 _IGNORED_KEYS = frozenset({
@@ -200,11 +203,6 @@ class LLaDABlock(nn.Module):
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self.qkv(x, cos, sin)
-        return self.attend(x, q, k, v, key_mask)
-
 
 class Transformer(nn.Module):
     """Holds the parameters under LLaDA's names (``wte``, ``blocks``, ``ln_f``, ``ff_out``)."""
@@ -231,15 +229,21 @@ class LLaDAModel(nn.Module):
     def transformer(self) -> Transformer:
         return self.model.transformer
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``input_ids [B, T]``; ``attention_mask [B, T]`` (1 = token, 0 = left padding), default all ones.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                kv_cache: CachePass | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, T, vocab_size]`` of ``input_ids [B, T]`` (or ``[B, K]`` at ``logits_index [B, K]`` only).
 
-        Positions count real tokens only, so a left-padded row gets the same logits as the row alone.
+        ``attention_mask [B, T]``: 1 = token, 0 = padding, default all ones. Positions count real tokens only, so
+        a padded row gets the same logits as the row alone. With ``kv_cache`` the rows are a slice of longer
+        sequences: the cache pass supplies their positions, the key padding mask, and the other positions'
+        keys/values (see :mod:`l2pd_harness.decoding.kv_cache`); ``attention_mask`` is then unused.
         """
         if input_ids.shape[1] > self.config.max_sequence_length:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_sequence_length="
                              f"{self.config.max_sequence_length}")
-        if attention_mask is None:
+        if kv_cache is not None:
+            positions, key_mask = kv_cache.positions, kv_cache.key_mask
+        elif attention_mask is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             key_mask = None
         else:
@@ -247,8 +251,13 @@ class LLaDAModel(nn.Module):
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.transformer.wte(input_ids)  # [B, T, d_model]
-        for block in self.transformer.blocks:
-            x = block(x, cos, sin, key_mask)
+        for layer, block in enumerate(self.transformer.blocks):
+            q, k, v = block.qkv(x, cos, sin)
+            if kv_cache is not None:
+                k, v = kv_cache.update(layer, k, v)  # [B, kv_heads, S, head_dim]: every key the rows attend to
+            x = block.attend(x, q, k, v, key_mask)
+        if logits_index is not None:
+            x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d_model]
         return self.logits(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""Settings of one decode run: canvas, decode policy, End-of-Text Prediction, KV cache and batching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+POLICIES = ("fixed", "threshold", "factor", "oracle", "learned")
+REMASKING = ("low_confidence", "random")
+CACHES = ("none", "prefix", "dual")
+
+
+@dataclass
+class DecodeConfig:
+    """Every knob of the engine; checked on construction, each error names the bad value and what is allowed."""
+
+    gen_length: int = 256
+    """Canvas positions after the prompt."""
+    block_length: int = 32
+    """Positions per semi-autoregressive block; must divide ``gen_length``."""
+    policy: str = "fixed"
+    """Which masked positions of the block a forward pass commits: fixed, threshold, factor, oracle, learned."""
+    steps: int | None = None
+    """``fixed`` only: forward passes in total, spread evenly over the blocks; ``None`` means ``gen_length``
+    (one token per step)."""
+    remasking: str = "low_confidence"
+    """``fixed`` only: which masked positions get a step's quota: the most confident, or random ones."""
+    threshold: float = 0.9
+    """``threshold``: commit every masked position whose confidence exceeds this (at least one per step)."""
+    factor: float = 1.0
+    """``factor``: commit the n most confident positions while (n + 1) * (1 - c_n) < factor (at least one)."""
+    eotp: bool = False
+    """End-of-Text Prediction: once end-of-text is committed at position p, drop every later position."""
+    cache: str = "none"
+    """KV cache: none; prefix (reuse keys/values before the block); dual (reuse before and after it)."""
+    temperature: float = 0.0
+    """Gumbel-noise temperature of the token choice; 0 is greedy."""
+    cfg_scale: float = 0.0
+    """Classifier-free guidance strength (a second pass with the prompt masked); 0 disables it; cache none only."""
+    seed: int = 0
+    """Seed of the random choices (temperature noise, random remasking)."""
+    batch_size: int = 16
+    """Sequences in flight at once; a finished one hands its slot to the next waiting request."""
+
+    def __post_init__(self) -> None:
+        if self.gen_length <= 0:
+            raise ValueError(f"gen_length={self.gen_length} must be a positive integer")
+        if self.block_length <= 0 or self.gen_length % self.block_length:
+            raise ValueError(f"block_length={self.block_length} must be a positive divisor of "
+                             f"gen_length={self.gen_length}")
+        self.steps = self.gen_length if self.steps is None else self.steps
+        if self.steps <= 0 or self.steps % self.num_blocks or self.steps > self.gen_length:
+            raise ValueError(f"steps={self.steps} must be a multiple of the number of blocks ({self.num_blocks}) "
+                             f"between {self.num_blocks} and gen_length={self.gen_length}")
+        for name, value, allowed in (("policy", self.policy, POLICIES), ("remasking", self.remasking, REMASKING),
+                                     ("cache", self.cache, CACHES)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
+        if self.factor <= 0:
+            raise ValueError(f"factor={self.factor} must be > 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0")
+        if self.cfg_scale > 0 and self.cache != "none":
+            raise ValueError(f"cfg_scale={self.cfg_scale} needs cache='none' (got cache={self.cache!r}): the "
+                             "guidance pass changes the prompt, so cached keys/values would not apply")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size={self.batch_size} must be a positive integer")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    def for_canvas(self, gen_length: int) -> DecodeConfig:
+        """The same settings on a canvas of ``gen_length`` positions (whole blocks), with the same passes per
+        block."""
+        return replace(self, gen_length=gen_length, steps=self.steps_per_block * (gen_length // self.block_length))

@@ -1,0 +1,62 @@
+"""The engine: one decode loop for every policy and cache, with continuous batching.
+
+``request -> Scheduler.schedule -> ModelRunner.execute (forward with cache, policy) -> Scheduler.update_from_output
+(commit, EoTP) -> GenerationResult``. Requests finish independently and leave the batch at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.policies import Policy, build_policy
+from l2pd_harness.decoding.runner import ModelRunner
+from l2pd_harness.decoding.scheduler import GenerationResult, Scheduler
+from l2pd_harness.models.llada import LLaDAModel
+
+
+class Engine:
+    """Decodes tokenized prompts with ``cfg``'s policy, cache and batch size.
+
+    ``eot_ids``: tokens that end a response (End-of-Text Prediction cuts the canvas after the first committed one).
+    ``policy``: overrides the policy ``cfg.policy`` names (e.g. a learned filter's).
+    """
+
+    def __init__(self, model: nn.Module, cfg: DecodeConfig, eot_ids: set[int] | None = None,
+                 policy: Policy | None = None):
+        if cfg.cache != "none" and not isinstance(model, LLaDAModel):
+            raise ValueError(f"cache={cfg.cache!r} needs the native backend (this model has no KV cache support)")
+        self.model, self.cfg = model, cfg
+        self.eot_ids = {model.config.eos_token_id} if eot_ids is None else set(eot_ids)
+        self.policy = build_policy(cfg) if policy is None else policy
+
+    def stream(self, prompts: list[list[int]], references: list[list[int]] | None = None
+               ) -> Iterator[tuple[int, GenerationResult]]:
+        """Yield ``(prompt index, result)`` as sequences finish; ``references`` (the oracle's targets) are
+        canvases of a previous decode, one per prompt."""
+        if self.cfg.policy == "oracle" and references is None:
+            raise ValueError("policy 'oracle' needs references: one reference output per prompt")
+        device = next(self.model.parameters()).device
+        scheduler = Scheduler(self.cfg, self.model.config.mask_token_id, self.model.config.eos_token_id,
+                              self.eot_ids, prompts, references, device)
+        runner = ModelRunner(self.model, self.cfg, self.policy)
+        while scheduler.has_unfinished():
+            output = runner.execute(scheduler.schedule())
+            for request in scheduler.update_from_output(output):
+                yield request.request_id, request.result()
+
+    def generate(self, prompts: list[list[int]], references: list[list[int]] | None = None
+                 ) -> list[GenerationResult]:
+        """Results in prompt order."""
+        results = dict(self.stream(prompts, references))
+        return [results[i] for i in range(len(prompts))]
+
+
+def generate(model: nn.Module, prompts: list[list[int]], cfg: DecodeConfig,
+             references: list[list[int]] | None = None) -> list[GenerationResult]:
+    """One-call decode: ``Engine(model, cfg).generate(prompts, references)``."""
+    with torch.no_grad():
+        return Engine(model, cfg).generate(prompts, references)

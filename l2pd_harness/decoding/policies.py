@@ -1,0 +1,134 @@
+"""Decode policies: which still-masked positions of the current block a forward pass commits.
+
+A policy is a pure tensor function of one batched :class:`StepState` (no model, no cache, no per-row loop) that
+returns a commit mask ``[B, L]`` over the block's ``L`` positions; it only ever commits masked positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from l2pd_harness.decoding.config import DecodeConfig
+
+
+@dataclass
+class StepState:
+    """What a policy sees of one engine step, for every row in flight."""
+
+    confidence: torch.Tensor
+    """``[B, L]`` float: probability of the predicted token at each block position."""
+    prediction: torch.Tensor
+    """``[B, L]`` long: the token each block position would get now."""
+    masked: torch.Tensor
+    """``[B, L]`` bool: positions still masked (false for committed positions and those past the live canvas)."""
+    block_step: torch.Tensor
+    """``[B]`` long: forward passes already spent on this row's current block."""
+    noise: torch.Tensor
+    """``[B, L]`` float in [0, 1): seeded random scores (``fixed`` with random remasking)."""
+    reference: torch.Tensor | None = None
+    """``[B, L]`` long: each row's reference output on the block (``oracle`` only)."""
+
+
+class Policy(Protocol):
+    def __call__(self, state: StepState) -> torch.Tensor:
+        """Commit mask ``[B, L]``, a subset of ``state.masked``."""
+
+
+def top_k_commit(score: torch.Tensor, candidates: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """Commit mask ``[B, L]``: the ``quota [B]`` highest-``score`` positions among ``candidates [B, L]``."""
+    masked_score = score.masked_fill(~candidates, float("-inf"))
+    order = masked_score.argsort(dim=-1, descending=True, stable=True)  # [B, L]
+    arange = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, arange)  # rank[b, i]: place of position i in the order
+    return (rank < quota[:, None]) & candidates
+
+
+def at_least_one(commit: torch.Tensor, state: StepState) -> torch.Tensor:
+    """``commit`` restricted to masked positions; a row that would commit nothing commits its most confident one,
+    so every forward pass makes progress."""
+    commit = commit & state.masked
+    fallback = top_k_commit(state.confidence, state.masked, torch.ones_like(state.block_step))
+    return commit | (fallback & ~commit.any(-1, keepdim=True))
+
+
+@dataclass(frozen=True)
+class FixedQuota:
+    """LLaDA's low-confidence (or random) remasking: each block gets ``steps_per_block`` passes, and the masked
+    positions are spread evenly over them, the remainder to the first passes."""
+
+    steps_per_block: int
+    remasking: str = "low_confidence"
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        # ceil(remaining / passes left) reproduces the linear schedule (remainder first) without keeping it.
+        passes_left = (self.steps_per_block - state.block_step).clamp(min=1)  # [B]
+        remaining = state.masked.sum(-1)  # [B]
+        quota = (remaining + passes_left - 1) // passes_left  # [B]
+        score = state.confidence if self.remasking == "low_confidence" else state.noise
+        return top_k_commit(score, state.masked, quota)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Fast-dLLM's confidence threshold: every masked position with confidence above ``threshold``."""
+
+    threshold: float = 0.9
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        return at_least_one(state.confidence > self.threshold, state)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """Fast-dLLM's factor rule: the n most confident masked positions, n the largest with
+    (n + 1) * (1 - c_n) < ``factor`` (c_n the n-th highest confidence)."""
+
+    factor: float = 1.0
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        ranked = state.confidence.masked_fill(~state.masked, float("-inf")).sort(-1, descending=True).values
+        n = torch.arange(1, ranked.shape[-1] + 1, device=ranked.device)  # [L]
+        # (n + 1) * (1 - c_n) grows with n, so the positions meeting the rule are a prefix of the ranking.
+        count = ((n + 1) * (1 - ranked) < self.factor).sum(-1)  # [B]
+        return at_least_one(top_k_commit(state.confidence, state.masked, count), state)
+
+
+class Oracle:
+    """Commit exactly the masked positions whose prediction already equals the reference output (at least one):
+    the upper bound a learned filter approximates, and its label source."""
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        if state.reference is None:
+            raise ValueError("policy 'oracle' needs each request's reference output")
+        return at_least_one(state.prediction == state.reference, state)
+
+
+@dataclass(frozen=True)
+class Learned:
+    """Learn2PD's slot: ``filter(confidence [B, L]) -> [B, L]`` probability that a position's prediction is
+    final; positions above ``cutoff`` are committed (at least one)."""
+
+    filter: Callable[[torch.Tensor], torch.Tensor]
+    cutoff: float = 0.5
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        return at_least_one(self.filter(state.confidence) > self.cutoff, state)
+
+
+def build_policy(cfg: DecodeConfig, learned_filter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Policy:
+    """The policy ``cfg.policy`` names, with its knobs from ``cfg``."""
+    if cfg.policy == "fixed":
+        return FixedQuota(cfg.steps_per_block, cfg.remasking)
+    if cfg.policy == "threshold":
+        return Threshold(cfg.threshold)
+    if cfg.policy == "factor":
+        return Factor(cfg.factor)
+    if cfg.policy == "oracle":
+        return Oracle()
+    if learned_filter is None:
+        raise ValueError("policy 'learned' needs a trained filter (learned_filter=...)")
+    return Learned(learned_filter)

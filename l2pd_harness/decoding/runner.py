@@ -1,0 +1,117 @@
+"""The model runner: turns a :class:`SchedulerOutput` into batched forward passes, picks tokens, asks the policy.
+
+Rows are right-padded (left-aligned), so a column is a position for every row. Without a cache every row gets a
+full pass. With a cache, rows at a block's first pass get a full pass that refreshes their cache slot, and the
+others one pass over their query slice (``prefix``: block to end; ``dual``: the block) against the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.kv_cache import KVCache
+from l2pd_harness.decoding.policies import Policy, StepState
+from l2pd_harness.decoding.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Token choice ``[B, L]``: argmax of the logits, perturbed by Gumbel noise in float64 when ``temperature > 0``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits64 = logits.double()
+    noise = torch.rand(logits64.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return (logits64.exp() / (-noise.log()) ** temperature).argmax(dim=-1)
+
+
+def right_pad(sequences: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """``[B, max_len]`` with each sequence left-aligned."""
+    return nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cfg: DecodeConfig, policy: Policy):
+        self.model, self.cfg, self.policy = model, cfg, policy
+        self.mask_id, self.pad_id = model.config.mask_token_id, model.config.eos_token_id
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.cache = None
+        if cfg.cache != "none":
+            self.cache = KVCache(model.config, cfg.batch_size, next(model.parameters()).dtype, self.device)
+
+    @torch.no_grad()
+    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        rows = scheduled.requests
+        full = [i for i, r in enumerate(rows) if self.cache is None or r.block_step == 0]
+        cached = [i for i, r in enumerate(rows) if i not in set(full)]
+        logits = torch.empty(0)
+        computed = [0] * len(rows)
+        for group, forward in ((full, self._full_pass), (cached, self._cached_pass)):
+            if group:
+                group_logits, group_computed = forward([rows[i] for i in group])
+                if logits.numel() == 0:
+                    logits = group_logits.new_empty((len(rows), *group_logits.shape[1:]))
+                logits[group] = group_logits
+                for i, n in zip(group, group_computed, strict=True):
+                    computed[i] = n
+        return self._decide(rows, logits, computed)
+
+    def _block_columns(self, rows: list[ScheduledRequest], offset: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, block_length]`` column of each block position, ``offset [B]`` from the row's block start."""
+        start = torch.tensor([r.block_start for r in rows], device=self.device) if offset is None else offset
+        return start[:, None] + torch.arange(self.cfg.block_length, device=self.device)
+
+    def _full_pass(self, rows: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
+        """Logits ``[B, block_length, V]`` from a pass over whole sequences (refreshing the cache if there is one)."""
+        ids = right_pad([r.token_ids for r in rows], self.pad_id)  # [B, S]
+        lengths = torch.tensor([len(r.token_ids) for r in rows], device=self.device)  # [B]
+        attention_mask = (torch.arange(ids.shape[1], device=self.device) < lengths[:, None]).long()  # [B, S]
+        kv_cache = None
+        if self.cache is not None:
+            kv_cache = self.cache.refresh(torch.tensor([r.slot for r in rows], device=self.device), lengths)
+        index = self._block_columns(rows).clamp(max=ids.shape[1] - 1)  # past-the-end columns are not masked
+        if self.cfg.cfg_scale == 0:
+            return self.model(ids, attention_mask, kv_cache=kv_cache, logits_index=index), lengths.tolist()
+        # Classifier-free guidance: push the logits away from a pass that cannot see the prompt.
+        prompt_length = torch.tensor([r.prompt_length for r in rows], device=self.device)
+        unconditional = ids.masked_fill(torch.arange(ids.shape[1], device=self.device) < prompt_length[:, None],
+                                        self.mask_id)
+        both = self.model(torch.cat([ids, unconditional]), attention_mask.repeat(2, 1),
+                          logits_index=index.repeat(2, 1))
+        cond, uncond = both.chunk(2)
+        return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond), lengths.tolist()
+
+    def _cached_pass(self, rows: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
+        """Logits ``[B, block_length, V]`` from a pass over each row's query slice against the cache."""
+        lengths = torch.tensor([len(r.token_ids) for r in rows], device=self.device)  # [B]
+        block_start = torch.tensor([r.block_start for r in rows], device=self.device)  # [B]
+        width = self.cfg.block_length if self.cfg.cache == "dual" else int((lengths - block_start).max())
+        positions = block_start[:, None] + torch.arange(width, device=self.device)  # [B, Q]
+        padded = right_pad([r.token_ids for r in rows], self.pad_id)  # [B, S]
+        ids = padded.gather(1, positions.clamp(max=padded.shape[1] - 1))  # [B, Q]
+        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        kv_cache = self.cache.reuse(slots, positions, lengths)
+        index = self._block_columns(rows, torch.zeros_like(block_start)).clamp(max=width - 1)
+        computed = (positions < lengths[:, None]).sum(-1)  # [B]
+        return self.model(ids, kv_cache=kv_cache, logits_index=index), computed.tolist()
+
+    def _decide(self, rows: list[ScheduledRequest], logits: torch.Tensor, computed: list[int]) -> RunnerOutput:
+        """Token choice and confidence on each block position, then the policy's commit mask."""
+        columns = self._block_columns(rows)  # [B, L]
+        padded = right_pad([r.token_ids for r in rows], self.pad_id)
+        lengths = torch.tensor([len(r.token_ids) for r in rows], device=self.device)
+        live = columns < lengths[:, None]  # [B, L]
+        block_tokens = padded.gather(1, columns.clamp(max=padded.shape[1] - 1))  # [B, L]
+        prediction = gumbel_argmax(logits, self.cfg.temperature, self.generator)  # [B, L]
+        confidence = logits.double().softmax(-1).gather(-1, prediction[..., None]).squeeze(-1)  # [B, L]
+        reference = None
+        if rows[0].reference is not None:
+            reference = torch.stack([r.reference for r in rows])
+        state = StepState(confidence=confidence, prediction=prediction, masked=live & (block_tokens == self.mask_id),
+                          block_step=torch.tensor([r.block_step for r in rows], device=self.device),
+                          noise=torch.rand(confidence.shape, dtype=torch.float64, device=self.device,
+                                           generator=self.generator),
+                          reference=reference)
+        commit_mask = self.policy(state)
+        return RunnerOutput([r.request_id for r in rows], commit_mask, prediction, computed)

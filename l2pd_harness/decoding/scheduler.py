@@ -1,0 +1,158 @@
+"""The scheduler: owns every request's progress (canvas, block, step log) and the batch slots.
+
+Each engine step: :meth:`Scheduler.schedule` admits waiting requests into free slots and says what every running
+request needs computed (:class:`SchedulerOutput`); the runner answers with a :class:`RunnerOutput`; and
+:meth:`Scheduler.update_from_output` commits it, applies End-of-Text Prediction, moves finished blocks on and
+frees the slots of finished requests at once, so the next step already refills them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from l2pd_harness.decoding.config import DecodeConfig
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """What the runner needs of one request for one forward pass."""
+
+    request_id: int
+    slot: int
+    token_ids: torch.Tensor
+    """``[prompt + live canvas]``: the sequence as it stands."""
+    prompt_length: int
+    block_start: int
+    """Column of the current block's first position in ``token_ids``."""
+    block_step: int
+    """Passes already spent on this block; 0 means a block's first pass (a cache refresh)."""
+    reference: torch.Tensor | None
+    """``[block_length]`` reference output on the block (oracle policy), end-of-text past the canvas."""
+
+
+@dataclass
+class SchedulerOutput:
+    requests: list[ScheduledRequest]
+
+
+@dataclass
+class RunnerOutput:
+    """Per scheduled request (same order): the pass's commits on its block and the positions it computed."""
+
+    request_ids: list[int]
+    commit_mask: torch.Tensor
+    """``[B, block_length]`` bool."""
+    prediction: torch.Tensor
+    """``[B, block_length]`` long."""
+    positions_computed: list[int]
+
+
+@dataclass
+class GenerationResult:
+    """One sequence's canvas and its step log."""
+
+    token_ids: list[int]
+    """The ``gen_length`` canvas tokens; with EoTP the dropped tail reads end-of-text."""
+    nfe: int
+    """Forward passes (number of function evaluations) spent on this sequence."""
+    tokens_per_step: list[int] = field(default_factory=list)
+    """Positions committed at each forward pass."""
+    positions_per_step: list[int] = field(default_factory=list)
+    """Positions each forward pass computed for this sequence (shorter with EoTP and with a KV cache)."""
+    latency_s: float = 0.0
+    """Wall time from this sequence's first forward pass until it was finished."""
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt: torch.Tensor  # [prompt_len]
+    canvas: torch.Tensor  # [gen_length]
+    reference: torch.Tensor | None  # [gen_length]
+    live_length: int
+    """Canvas positions still decoded: ``gen_length`` until EoTP drops the tail after an end-of-text."""
+    block: int = 0
+    block_step: int = 0
+    slot: int = -1
+    started_at: float = 0.0
+    tokens_per_step: list[int] = field(default_factory=list)
+    positions_per_step: list[int] = field(default_factory=list)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.canvas.tolist(), len(self.tokens_per_step), self.tokens_per_step,
+                                self.positions_per_step, time.perf_counter() - self.started_at)
+
+
+class Scheduler:
+    def __init__(self, cfg: DecodeConfig, mask_id: int, eos_id: int, eot_ids: set[int],
+                 prompts: list[list[int]], references: list[list[int]] | None, device: torch.device):
+        if references is not None and len(references) != len(prompts):
+            raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
+        self.cfg, self.mask_id, self.eos_id = cfg, mask_id, eos_id
+        self.eot_ids = torch.tensor(sorted(eot_ids), device=device)
+        self.waiting = deque(
+            Request(i, torch.tensor(prompt, device=device),
+                    torch.full((cfg.gen_length,), mask_id, device=device),
+                    None if references is None else self._canvas_sized(references[i], device),
+                    live_length=cfg.gen_length)
+            for i, prompt in enumerate(prompts))
+        self.running: dict[int, Request] = {}
+        self.free_slots = list(range(cfg.batch_size))[::-1]
+
+    def _canvas_sized(self, reference: list[int], device: torch.device) -> torch.Tensor:
+        tokens = torch.full((self.cfg.gen_length,), self.eos_id, device=device)
+        tokens[: len(reference)] = torch.tensor(reference[: self.cfg.gen_length], device=device)
+        return tokens
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        while self.waiting and self.free_slots:
+            request = self.waiting.popleft()
+            request.slot, request.started_at = self.free_slots.pop(), time.perf_counter()
+            self.running[request.request_id] = request
+        return SchedulerOutput([self._scheduled(r) for r in self.running.values()])
+
+    def _scheduled(self, r: Request) -> ScheduledRequest:
+        start = r.block * self.cfg.block_length
+        reference = None if r.reference is None else r.reference[start:start + self.cfg.block_length]
+        return ScheduledRequest(r.request_id, r.slot, torch.cat([r.prompt, r.canvas[: r.live_length]]),
+                                len(r.prompt), len(r.prompt) + start, r.block_step, reference)
+
+    def update_from_output(self, output: RunnerOutput) -> list[Request]:
+        """Commit one step's results; returns the requests that finished with it."""
+        finished = []
+        for row, request_id in enumerate(output.request_ids):
+            request = self.running[request_id]
+            self._commit(request, output.commit_mask[row], output.prediction[row])
+            request.positions_per_step.append(output.positions_computed[row])
+            if self._advance(request):
+                finished.append(self.running.pop(request_id))
+                self.free_slots.append(request.slot)
+        return finished
+
+    def _commit(self, r: Request, commit_mask: torch.Tensor, prediction: torch.Tensor) -> None:
+        start = r.block * self.cfg.block_length
+        block = r.canvas[start:start + self.cfg.block_length]  # a view: writes land in the canvas
+        block[commit_mask] = prediction[commit_mask]
+        r.tokens_per_step.append(int(commit_mask.sum()))
+        if self.cfg.eotp:
+            ends = (commit_mask & torch.isin(prediction, self.eot_ids)).nonzero()
+            if len(ends):  # drop everything after the first committed end-of-text
+                r.live_length = min(r.live_length, start + int(ends[0]) + 1)
+                r.canvas[r.live_length:] = self.eos_id
+
+    def _advance(self, r: Request) -> bool:
+        """Count the pass against the block, move to the next block once this one is committed; true when the
+        whole live canvas is committed."""
+        r.block_step += 1
+        block_end = min((r.block + 1) * self.cfg.block_length, r.live_length)
+        if (r.canvas[r.block * self.cfg.block_length:block_end] == self.mask_id).any():
+            return False
+        r.block, r.block_step = r.block + 1, 0
+        return r.block * self.cfg.block_length >= r.live_length

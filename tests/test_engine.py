@@ -1,0 +1,163 @@
+"""The engine: scheduler bookkeeping on fake runner outputs, EoTP, KV cache numerics, continuous batching and
+batch-size invariance on a tiny random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.engine import Engine
+from l2pd_harness.decoding.kv_cache import KVCache
+from l2pd_harness.decoding.scheduler import RunnerOutput, Scheduler
+from l2pd_harness.loading import load_model
+
+MASK, EOS, EOT = 3, 0, 7
+PROMPTS = [[1, 5, 9], [1, 12, 7, 8, 20, 21, 11, 6, 9], [4] * 14, [2, 8], [30, 31, 32, 33, 34], [9] * 6]
+
+
+@pytest.fixture(scope="module")
+def model(random_checkpoint: Path):
+    return load_model(random_checkpoint)[0]
+
+
+def fake_output(scheduler: Scheduler, commits: dict[int, dict[int, int]], block_length: int) -> RunnerOutput:
+    """A runner's answer committing ``{request_id: {block offset: token}}``."""
+    ids = list(scheduler.running)
+    commit_mask = torch.zeros(len(ids), block_length, dtype=torch.bool)
+    prediction = torch.full((len(ids), block_length), 50)
+    for row, request_id in enumerate(ids):
+        for offset, token in commits.get(request_id, {}).items():
+            commit_mask[row, offset], prediction[row, offset] = True, token
+    return RunnerOutput(ids, commit_mask, prediction, [1] * len(ids))
+
+
+def make_scheduler(eotp: bool, batch_size: int = 2, requests: int = 1) -> Scheduler:
+    cfg = DecodeConfig(gen_length=16, block_length=8, eotp=eotp, batch_size=batch_size)
+    return Scheduler(cfg, MASK, EOS, {EOS, EOT}, [[1, 2]] * requests, None, torch.device("cpu"))
+
+
+def test_eotp_drops_the_tail_after_a_committed_end_of_text() -> None:
+    scheduler = make_scheduler(eotp=True)
+    (first,) = scheduler.schedule().requests
+    assert len(first.token_ids) == 2 + 16
+    assert scheduler.update_from_output(fake_output(scheduler, {0: {0: 40, 5: EOT}}, 8)) == []
+    request = scheduler.running[0]
+    assert request.live_length == 6 and request.canvas[6:].tolist() == [EOS] * 10
+    (second,) = scheduler.schedule().requests
+    assert len(second.token_ids) == 2 + 6  # later passes see the truncated canvas only
+    (done,) = scheduler.update_from_output(fake_output(scheduler, {0: {1: 41, 2: 42, 3: 43, 4: 44}}, 8))
+    result = done.result()
+    assert result.token_ids == [40, 41, 42, 43, 44, EOT] + [EOS] * 10
+    assert result.nfe == 2 and result.tokens_per_step == [2, 4]
+
+
+def test_without_eotp_the_whole_canvas_is_decoded() -> None:
+    scheduler = make_scheduler(eotp=False)
+    scheduler.schedule()
+    scheduler.update_from_output(fake_output(scheduler, {0: {i: EOT for i in range(8)}}, 8))
+    request = scheduler.running[0]
+    assert request.live_length == 16 and request.block == 1 and request.block_step == 0
+    (scheduled,) = scheduler.schedule().requests
+    assert scheduled.block_start == 2 + 8 and len(scheduled.token_ids) == 18
+    (done,) = scheduler.update_from_output(fake_output(scheduler, {0: {i: 60 + i for i in range(8)}}, 8))
+    assert done.result().token_ids == [EOT] * 8 + list(range(60, 68))
+
+
+def test_a_finished_request_hands_its_slot_over_at_once() -> None:
+    scheduler = make_scheduler(eotp=True, batch_size=2, requests=3)
+    assert [r.request_id for r in scheduler.schedule().requests] == [0, 1]
+    (finished,) = scheduler.update_from_output(fake_output(scheduler, {0: {0: EOT}, 1: {0: 40}}, 8))
+    assert finished.request_id == 0
+    scheduled = scheduler.schedule().requests
+    assert [(r.request_id, r.slot) for r in scheduled] == [(1, 1), (2, finished.slot)]
+    assert [r.block_step for r in scheduled] == [1, 0]
+
+
+def decode(model, prompts, eot_ids=None, references=None, **settings):
+    cfg = DecodeConfig(gen_length=32, block_length=8, **settings)
+    return Engine(model, cfg, eot_ids=eot_ids).generate(prompts, references)
+
+
+# Half the vocabulary counts as end-of-text, so EoTP fires often on the random model.
+FREQUENT_EOT = set(range(0, 40))
+SETTINGS = [
+    {"policy": "fixed"},
+    {"policy": "fixed", "steps": 8, "remasking": "low_confidence", "cache": "dual"},
+    {"policy": "threshold", "threshold": 0.3, "eotp": True},
+    {"policy": "threshold", "threshold": 0.3, "eotp": True, "cache": "prefix"},
+    {"policy": "factor", "factor": 2.0, "cache": "dual", "eotp": True},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
+def test_outputs_do_not_depend_on_batch_size(model, settings: dict) -> None:
+    alone = decode(model, PROMPTS, FREQUENT_EOT, batch_size=1, **settings)
+    for batch_size in (3, 8):
+        together = decode(model, PROMPTS, FREQUENT_EOT, batch_size=batch_size, **settings)
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone], batch_size
+        assert [r.tokens_per_step for r in together] == [r.tokens_per_step for r in alone]
+
+
+def test_eotp_cuts_passes_and_positions(model) -> None:
+    full = decode(model, PROMPTS, FREQUENT_EOT, policy="threshold", threshold=0.3)
+    cut = decode(model, PROMPTS, FREQUENT_EOT, policy="threshold", threshold=0.3, eotp=True)
+    assert sum(r.nfe for r in cut) < sum(r.nfe for r in full)
+    for prompt, result in zip(PROMPTS, cut, strict=True):
+        end = next(i for i, tok in enumerate(result.token_ids) if tok in FREQUENT_EOT)
+        assert result.token_ids[end + 1:] == [EOS] * (31 - end)  # the dropped tail reads end-of-text
+        assert MASK not in result.token_ids
+        assert result.positions_per_step[0] == len(prompt) + 32
+        assert result.positions_per_step == sorted(result.positions_per_step, reverse=True)  # the canvas shrinks
+        assert sum(result.tokens_per_step) >= end + 1  # commits later cut off by an earlier end still count
+    assert sum(map(sum, (r.positions_per_step for r in cut))) < sum(map(sum, (r.positions_per_step for r in full)))
+
+
+def test_oracle_follows_its_references(model) -> None:
+    baseline = decode(model, PROMPTS[:3], policy="fixed")
+    oracle = decode(model, PROMPTS[:3], policy="oracle", references=[r.token_ids for r in baseline])
+    for base, result in zip(baseline, oracle, strict=True):
+        assert result.nfe <= base.nfe and MASK not in result.token_ids
+    with pytest.raises(ValueError, match="policy 'oracle' needs references"):
+        decode(model, PROMPTS[:1], policy="oracle")
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_agrees_exactly_on_each_blocks_first_pass(model, cache: str) -> None:
+    """With one pass per block every pass is a block's first, a full pass: outputs equal cache=none exactly."""
+    none = decode(model, PROMPTS, policy="fixed", steps=4, batch_size=4)
+    cached = decode(model, PROMPTS, policy="fixed", steps=4, batch_size=4, cache=cache)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in none]
+
+
+@pytest.mark.parametrize("cache, later_pass", [("prefix", lambda length, start: length - start),
+                                               ("dual", lambda length, start: 8)])
+def test_cached_passes_compute_fewer_positions(model, cache: str, later_pass) -> None:
+    (result,) = decode(model, PROMPTS[1:2], policy="fixed", steps=16, cache=cache)
+    length = len(PROMPTS[1]) + 32
+    expected = []
+    for block in range(4):
+        expected += [length] + [later_pass(length, len(PROMPTS[1]) + 8 * block)] * 3
+    assert result.positions_per_step == expected
+
+
+def test_cache_reuse_reproduces_a_full_pass_when_nothing_changed(model) -> None:
+    """Right after a refresh the stored keys/values are exact, so a prefix or dual pass over a slice gives the
+    full pass's logits on it (rows of different lengths, right-padded)."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([20, 13, 17])
+    ids = torch.randint(4, 40, (3, 20)).masked_fill(torch.arange(20) >= lengths[:, None], EOS)
+    slots = torch.tensor([2, 0, 1])
+    cache = KVCache(model.config, slots=3, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        full = model(ids, kv_cache=cache.refresh(slots, lengths))  # [3, 20, V]
+        start = torch.tensor([8, 3, 5])
+        for width in (4, 12):  # a dual-sized slice, and one running past each row's end (prefix)
+            positions = start[:, None] + torch.arange(width)
+            sliced = model(ids.gather(1, positions.clamp(max=19)), kv_cache=cache.reuse(slots, positions, lengths))
+            for row in range(3):
+                valid = positions[row] < lengths[row]
+                torch.testing.assert_close(sliced[row][valid], full[row, positions[row][valid]], atol=1e-5,
+                                           rtol=1e-5)

@@ -1,0 +1,173 @@
+"""Decode policies on hand-made and seeded synthetic step states at batch 1, 2 and 32: no model involved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.policies import (
+    Factor,
+    FixedQuota,
+    Learned,
+    Oracle,
+    StepState,
+    Threshold,
+    build_policy,
+    top_k_commit,
+)
+
+BATCHES = [1, 2, 32]
+
+
+def synthetic_state(batch: int, length: int = 16, seed: int = 0, masked_share: float = 0.7) -> StepState:
+    gen = torch.Generator().manual_seed(seed * 1000 + batch)
+    masked = torch.rand(batch, length, generator=gen) < masked_share
+    masked[0, :] = True  # a fully masked row
+    if batch > 1:
+        masked[1, :] = False  # a finished row: nothing to commit
+    return StepState(confidence=torch.rand(batch, length, generator=gen, dtype=torch.float64),
+                     prediction=torch.randint(0, 50, (batch, length), generator=gen), masked=masked,
+                     block_step=torch.randint(0, 4, (batch,), generator=gen),
+                     noise=torch.rand(batch, length, generator=gen, dtype=torch.float64),
+                     reference=torch.randint(0, 50, (batch, length), generator=gen))
+
+
+def hand_state(confidence: list[float], masked: list[bool], **extra) -> StepState:
+    conf = torch.tensor([confidence], dtype=torch.float64)
+    return StepState(confidence=conf, prediction=torch.arange(len(confidence))[None],
+                     masked=torch.tensor([masked]), block_step=torch.zeros(1, dtype=torch.long),
+                     noise=torch.zeros_like(conf), **extra)
+
+
+POLICIES = [FixedQuota(4), FixedQuota(4, "random"), Threshold(0.9), Threshold(0.5), Factor(1.0), Factor(0.3),
+            Oracle(), Learned(lambda c: c.sqrt())]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("policy", POLICIES, ids=repr)
+def test_commits_only_masked_and_always_progresses(policy, batch: int) -> None:
+    state = synthetic_state(batch)
+    commit = policy(state)
+    assert commit.shape == state.masked.shape and commit.dtype == torch.bool
+    assert not (commit & ~state.masked).any()
+    has_masked = state.masked.any(-1)
+    assert (commit.any(-1) == has_masked).all()  # >= 1 where anything is masked, nothing where nothing is
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_rows_are_independent(batch: int) -> None:
+    """Each row's commits depend on that row alone (what makes results independent of batch composition)."""
+    state = synthetic_state(batch, seed=1)
+    for policy in POLICIES:
+        together = policy(state)
+        for row in range(batch):
+            alone = StepState(**{k: v[row:row + 1] for k, v in vars(state).items()})
+            assert torch.equal(policy(alone)[0], together[row]), (policy, row)
+
+
+def test_fixed_quota_follows_the_linear_schedule() -> None:
+    """32 masked positions over 8 passes commit 4 per pass; 10 over 4 passes commit 3, 3, 2, 2; most confident
+    first."""
+    for masked_count, steps, expected in ((32, 8, [4] * 8), (10, 4, [3, 3, 2, 2]), (5, 5, [1] * 5)):
+        policy = FixedQuota(steps)
+        conf = torch.linspace(0.1, 0.9, 32, dtype=torch.float64)[None]
+        masked = torch.arange(32)[None] < masked_count
+        counts = []
+        for step in range(steps):
+            state = StepState(conf, torch.zeros(1, 32, dtype=torch.long), masked, torch.tensor([step]),
+                              torch.zeros_like(conf))
+            commit = policy(state)
+            left_out = conf[masked & ~commit]
+            if len(left_out):
+                assert conf[commit].min() >= left_out.max()
+            counts.append(int(commit.sum()))
+            masked = masked & ~commit
+        assert counts == expected and not masked.any()
+
+
+def test_fixed_random_remasking_uses_the_noise() -> None:
+    state = hand_state([0.9, 0.8, 0.1, 0.2], [True] * 4)
+    state.noise = torch.tensor([[0.0, 0.1, 0.9, 0.8]], dtype=torch.float64)
+    assert FixedQuota(2, "random")(state).tolist() == [[False, False, True, True]]
+    assert FixedQuota(2)(state).tolist() == [[True, True, False, False]]
+
+
+def test_threshold_commits_everything_above_else_the_best_one() -> None:
+    state = hand_state([0.95, 0.5, 0.99, 0.91, 0.97], [True, True, True, True, False])
+    assert Threshold(0.9)(state).tolist() == [[True, False, True, True, False]]
+    low = hand_state([0.3, 0.6, 0.5], [True, True, True])
+    assert Threshold(0.9)(low).tolist() == [[False, True, False]]
+
+
+def test_factor_rule_by_hand() -> None:
+    # sorted: 0.99 (n=1: 2 * 0.01 = 0.02), 0.95 (n=2: 3 * 0.05 = 0.15), 0.7 (n=3: 4 * 0.3 = 1.2), 0.6
+    state = hand_state([0.7, 0.99, 0.6, 0.95], [True] * 4)
+    assert Factor(1.0)(state).tolist() == [[False, True, False, True]]
+    assert Factor(1.5)(state).tolist() == [[True, True, False, True]]
+    assert Factor(0.01)(state).tolist() == [[False, True, False, False]]  # at least one
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_factor_matches_a_plain_per_row_loop(batch: int) -> None:
+    state = synthetic_state(batch, seed=2)
+    state.confidence = 1 - state.confidence**4  # mostly confident, so the rule commits several
+    commit = Factor(1.0)(state)
+    for row in range(batch):
+        conf = sorted(state.confidence[row][state.masked[row]].tolist(), reverse=True)
+        count = 0
+        for n, c in enumerate(conf, start=1):
+            if (n + 1) * (1 - c) >= 1.0:
+                break
+            count = n
+        assert int(commit[row].sum()) == (max(count, 1) if conf else 0)
+
+
+def test_oracle_commits_exactly_the_matches() -> None:
+    state = hand_state([0.1, 0.2, 0.3, 0.4], [True, True, True, False], reference=torch.tensor([[0, 9, 2, 3]]))
+    assert Oracle()(state).tolist() == [[True, False, True, False]]  # position 3 matches but is committed
+    none_match = hand_state([0.1, 0.5, 0.3], [True] * 3, reference=torch.tensor([[7, 7, 7]]))
+    assert Oracle()(none_match).tolist() == [[False, True, False]]
+    with pytest.raises(ValueError, match="policy 'oracle' needs each request's reference output"):
+        Oracle()(hand_state([0.5], [True]))
+
+
+def test_learned_slot_commits_what_the_filter_accepts() -> None:
+    state = hand_state([0.2, 0.8, 0.6, 0.9], [True, True, True, True])
+    flip = Learned(lambda conf: 1 - conf)  # a filter that trusts low confidence, to show it decides
+    assert flip(state).tolist() == [[True, False, False, False]]
+
+
+def test_build_policy_from_config() -> None:
+    assert build_policy(DecodeConfig(gen_length=64, steps=16)) == FixedQuota(8, "low_confidence")
+    assert build_policy(DecodeConfig(policy="threshold", threshold=0.7)) == Threshold(0.7)
+    assert build_policy(DecodeConfig(policy="factor", factor=2.0)) == Factor(2.0)
+    assert isinstance(build_policy(DecodeConfig(policy="oracle")), Oracle)
+    with pytest.raises(ValueError, match="policy 'learned' needs a trained filter"):
+        build_policy(DecodeConfig(policy="learned"))
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
+    gen = torch.Generator().manual_seed(batch)
+    score = torch.rand(batch, 16, generator=gen)
+    candidates = torch.rand(batch, 16, generator=gen) < 0.6
+    quota = torch.randint(0, 5, (batch,), generator=gen)
+    commit = top_k_commit(score, candidates, quota)
+    for row in range(batch):
+        assert commit[row].sum() == min(int(quota[row]), int(candidates[row].sum()))
+        chosen, left_out = score[row][commit[row]], score[row][candidates[row] & ~commit[row]]
+        if len(chosen) and len(left_out):
+            assert chosen.min() >= left_out.max()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"policy": "foo"}, r"policy='foo' is not one of \['fixed', 'threshold', 'factor', 'oracle', 'learned'\]"),
+    ({"cache": "ring"}, r"cache='ring' is not one of \['none', 'prefix', 'dual'\]"),
+    ({"threshold": 1.5}, r"threshold=1.5 must be in \(0, 1\]"),
+    ({"factor": -1.0}, "factor=-1.0 must be > 0"),
+    ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
+])
+def test_bad_settings_name_the_value(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DecodeConfig(**settings)

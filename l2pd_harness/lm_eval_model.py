@@ -1,0 +1,312 @@
+"""The lm-evaluation-harness model ``l2pd``: lm-eval's requests in, one engine call per request kind.
+
+    lm_eval --model l2pd --model_args policy=threshold,eotp=true --tasks arith --include_path tasks
+
+``model_args`` are the keywords of :class:`L2PDLM`. Each generation request's step log (forward passes, tokens
+per step, latency, settings) goes to ``steps_<task>_rank<r>_<time>.jsonl`` in ``log_dir`` (default: the
+``--output_path`` of the lm-eval command), keyed by ``task``, ``doc_id`` and ``prompt_hash`` (lm-eval's
+``hash_string`` of the request context, its samples' ``arguments``) so analysis can join it to
+``samples_*.jsonl``. lm-eval's ``--use_cache`` keys requests by their text only, not by ``model_args``: use one
+cache path per configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import lm_eval.models  # noqa: F401  (built-in models first: lm-eval loads them only into an empty registry)
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
+from tqdm import tqdm
+
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.engine import Engine
+from l2pd_harness.decoding.policies import build_policy
+from l2pd_harness.likelihood import monte_carlo_loglikelihood
+from l2pd_harness.loading import load_model
+from l2pd_harness.text import decode_response, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+class ModelArgsError(ValueError):
+    """A bad ``--model_args`` value; the stock CLI reports it as one line (see ``lm_eval_hook``)."""
+
+
+def as_int(name: str, value) -> int | None:
+    """lm-eval hands integers over as int, float (``64.0``) or string."""
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_args {name}={value!r} is not an integer") from None
+    if not number.is_integer():
+        raise ValueError(f"model_args {name}={value!r} is not an integer")
+    return int(number)
+
+
+def as_float(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_args {name}={value!r} is not a number") from None
+
+
+def as_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in TRUE + FALSE:
+        return str(value).lower() in TRUE
+    raise ValueError(f"model_args {name}={value!r} is not a boolean (use one of {list(TRUE + FALSE)})")
+
+
+def pick_device(device: str | None) -> str:
+    """lm-eval passes ``cuda:0`` even on machines without CUDA: fall back to the CPU there, with a warning."""
+    device = device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device=%s requested but CUDA is not available; using cpu", device)
+        return "cpu"
+    return device
+
+
+def output_path_from_argv() -> Path | None:
+    """The ``--output_path`` (or ``-o``) of the running lm-eval command, where its results land."""
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        if arg in ("--output_path", "-o") and i + 1 < len(argv):
+            path = Path(argv[i + 1])
+            return path.parent if path.suffix == ".json" else path
+        if arg.startswith("--output_path="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def hash_string(text: str) -> str:
+    """lm-eval's ``hash_string`` (sha256 hex), the ``prompt_hash`` of its samples files."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@register_model("l2pd")
+class L2PDLM(LM):
+    """A diffusion LLM decoded by the l2pd engine.
+
+    pretrained: checkpoint directory or hub id in the local HF cache (default: the shipped tiny model).
+    policy, threshold, factor, eotp, cache, gen_length, block_length, steps, temperature: the engine's
+    :class:`DecodeConfig` (``gen_length`` is the largest canvas; a request's ``max_gen_toks`` makes it shorter).
+    filter, accept_threshold: the learned policy's filter checkpoint and the probability it must exceed.
+    mc_num: Monte-Carlo samples per loglikelihood request. chat_template: wrap raw contexts in the tokenizer's
+    chat template (lm-eval's ``--apply_chat_template`` does it instead when given). log_dir: step-log directory.
+    """
+
+    def __init__(self, pretrained: str | None = None, policy: str = "fixed", threshold: float = 0.9,
+                 factor: float = 1.0, filter: str | None = None, accept_threshold: float = 0.5,
+                 eotp: bool = False, cache: str = "none", gen_length: int = 256, block_length: int = 32,
+                 steps: int | None = None, temperature: float = 0.0, cfg_scale: float = 0.0, mc_num: int = 64,
+                 batch_size: int | str = 16, max_batch_size: int | None = None, dtype: str = "float32",
+                 device: str | None = None, log_dir: str | None = None, chat_template: bool = True,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if filter is not None and not Path(filter).exists():
+            raise ValueError(f"model_args filter={filter!r} does not exist")
+        if str(batch_size).startswith("auto"):
+            raise ValueError(f"model_args batch_size={batch_size!r}: automatic batch sizes are not supported; "
+                             "give a number of sequences in flight")
+        self.cfg = DecodeConfig(
+            gen_length=as_int("gen_length", gen_length), block_length=as_int("block_length", block_length),
+            policy=policy, steps=as_int("steps", steps), threshold=as_float("threshold", threshold),
+            factor=as_float("factor", factor), eotp=as_bool("eotp", eotp), cache=cache,
+            temperature=as_float("temperature", temperature), cfg_scale=as_float("cfg_scale", cfg_scale),
+            seed=as_int("seed", seed), batch_size=as_int("batch_size", batch_size))
+        self.policy = build_policy(self.cfg, learned_filter=load_filter(filter, as_float("accept_threshold",
+                                                                                         accept_threshold)))
+        self.mc_num, self.chat_template_default = as_int("mc_num", mc_num), as_bool("chat_template", chat_template)
+        self.templated_by_lm_eval = False
+        self.accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU ranks talk over gloo
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            device = self.accelerator.device.type if self.accelerator.device.type == "cpu" else str(
+                self.accelerator.device)  # safetensors rejects "cpu:0"
+        self.model, self.tokenizer = load_model(pretrained, dtype=dtype, device=pick_device(device))
+        self._device = next(self.model.parameters()).device
+        self.stops = stop_token_ids(self.tokenizer, self.model.config.eos_token_id)
+        self.log_dir = Path(log_dir) if log_dir is not None else output_path_from_argv()
+        self.settings = {"pretrained": pretrained or "tiny-llada (shipped)", "filter": filter,
+                         "accept_threshold": accept_threshold, "mc_num": self.mc_num, **vars(self.cfg)}
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> L2PDLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> L2PDLM:
+        """Like lm-eval's, but an unknown model_arg is an error that lists the known ones."""
+        known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(arg_dict) - set(known))
+        if unknown:
+            raise ModelArgsError(f"unknown model_args {unknown} for l2pd; known: {known}")
+        try:
+            return super().create_from_arg_obj(arg_dict, additional_config)
+        except ValueError as err:
+            raise ModelArgsError(str(err)) from None
+
+    # ---- what lm-eval asks of a model -------------------------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        self.templated_by_lm_eval = True
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def get_model_info(self) -> dict:
+        return {"model": "l2pd", "l2pd_settings": self.settings}
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.accelerator is None:
+            return [obj]
+        result = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+
+    def encode_context(self, context: str) -> list[int]:
+        if self.chat_template_default and not self.templated_by_lm_eval and self.tokenizer.chat_template:
+            context = self.tokenizer.apply_chat_template([{"role": "user", "content": context}], tokenize=False,
+                                                         add_generation_prompt=True)
+        return self.tokenizer(context, add_special_tokens=False)["input_ids"]
+
+    def fit(self, prompt: list[int], canvas: int) -> list[int]:
+        """Keep the end of a prompt too long for the model's context next to the canvas (as lm-eval's HF model
+        does), with a warning."""
+        room = self.model.config.max_sequence_length - canvas
+        if len(prompt) > room:
+            log.warning("prompt of %d tokens cut to its last %d (max_sequence_length %d, canvas %d)", len(prompt),
+                        room, self.model.config.max_sequence_length, canvas)
+            return prompt[-room:]
+        return prompt
+
+    def canvas_length(self, max_gen_toks) -> int:
+        """``max_gen_toks`` rounded up to whole blocks, at most ``gen_length``."""
+        wanted = self.cfg.gen_length if max_gen_toks is None else as_int("max_gen_toks", max_gen_toks)
+        blocks = max(1, math.ceil(wanted / self.cfg.block_length))
+        return min(self.cfg.gen_length, blocks * self.cfg.block_length)
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        by_canvas: dict[int, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_canvas.setdefault(self.canvas_length(request.args[1].get("max_gen_toks")), []).append(i)
+        texts: list[str] = [""] * len(requests)
+        with tqdm(total=len(requests), desc="l2pd generate_until", disable=disable_tqdm or self.rank != 0) as bar, \
+                StepLog(self.log_dir, requests, self.rank) as step_log:
+            for canvas, indices in by_canvas.items():
+                engine = Engine(self.model, self.cfg.for_canvas(canvas), eot_ids=self.stops, policy=self.policy)
+                prompts = [self.fit(self.encode_context(requests[i].args[0]), canvas) for i in indices]
+                for local, result in engine.stream(prompts):
+                    index = indices[local]
+                    text = decode_response(self.tokenizer, result.token_ids, self.stops)
+                    texts[index] = cut_at_until(text, requests[index].args[1].get("until"))
+                    step_log.write(index, result, len(prompts[local]),
+                                   len(cut_at_stop(result.token_ids, self.stops)), self.settings)
+                    bar.update(1)
+        return texts
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        generator = torch.Generator(device=self._device).manual_seed(self.cfg.seed)
+        results = []
+        for request in tqdm(requests, desc="l2pd loglikelihood", disable=disable_tqdm or self.rank != 0):
+            context, continuation = request.args
+            prompt = self.encode_context(context) if context else []
+            target = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            results.append(monte_carlo_loglikelihood(self.model, prompt, target, self.mc_num, self.cfg.batch_size,
+                                                     generator))
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        raise NotImplementedError(
+            "loglikelihood_rolling (perplexity tasks such as wikitext) is not supported by l2pd: a masked diffusion "
+            "model gives no left-to-right token probabilities to chain, only a Monte-Carlo bound on a whole "
+            "continuation given a context; use generate_until or loglikelihood tasks")
+
+
+def load_filter(path: str | None, accept_threshold: float):
+    """The learned policy's filter, read from its checkpoint."""
+    if path is None:
+        return None
+    raise ValueError(f"model_args filter={path!r}: this version cannot read Learn2PD filter checkpoints yet "
+                     "(filter training and its checkpoint format are not part of it)")
+
+
+def cut_at_stop(token_ids: list[int], stops: set[int]) -> list[int]:
+    return token_ids[: next((i for i, tok in enumerate(token_ids) if tok in stops), len(token_ids))]
+
+
+def cut_at_until(text: str, until: list[str] | str | None) -> str:
+    """``text`` up to the first of lm-eval's stop sequences."""
+    for stop in [until] if isinstance(until, str) else until or []:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+class StepLog:
+    """Per-request step logs as JSONL; written to ``.partial`` and renamed when the call completes."""
+
+    def __init__(self, directory: Path | None, requests: list[Instance], rank: int):
+        self.requests, self.handle, self.path = requests, None, None
+        if directory is not None:
+            task = requests[0].task_name if requests else "none"
+            self.path = Path(directory) / f"steps_{task}_rank{rank}_{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+
+    def __enter__(self) -> StepLog:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = self.path.with_name(self.path.name + ".partial").open("w")
+        return self
+
+    def write(self, index: int, result, prompt_tokens: int, generated_tokens: int, settings: dict) -> None:
+        if self.handle is None:
+            return
+        request = self.requests[index]
+        row = {"task": request.task_name, "doc_id": request.doc_id, "repeat": request.idx,
+               "prompt_hash": hash_string(request.args[0]), "nfe": result.nfe,
+               "tokens_per_step": result.tokens_per_step, "positions_per_step": result.positions_per_step,
+               "latency_s": round(result.latency_s, 6), "prompt_tokens": prompt_tokens,
+               "generated_tokens": generated_tokens, "settings": settings}
+        self.handle.write(json.dumps(row) + "\n")
+        self.handle.flush()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            if exc_type is None:
+                os.replace(self.handle.name, self.path)

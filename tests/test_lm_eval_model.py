@@ -1,0 +1,131 @@
+"""The lm-eval model ``l2pd``: argument handling, requests, Monte-Carlo likelihood, and the stock CLI end to end
+(one process, and two processes through accelerate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.engine import Engine
+from l2pd_harness.likelihood import mask_counts
+from l2pd_harness.lm_eval_model import L2PDLM, ModelArgsError, as_bool, as_int
+from l2pd_harness.text import decode_response
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def instance(kind: str, args: tuple, doc_id: int = 0) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0, metadata=("unit", doc_id, 1))
+
+
+@pytest.fixture(scope="module")
+def lm(random_checkpoint: Path) -> L2PDLM:
+    return L2PDLM.create_from_arg_string(f"pretrained={random_checkpoint},gen_length=32,block_length=8,"
+                                         "batch_size=3,mc_num=8", {"device": "cuda:0"})
+
+
+def test_lm_eval_types_are_coerced() -> None:
+    assert as_int("gen_length", 64.0) == 64 and as_int("gen_length", "64") == 64 and as_int("steps", "None") is None
+    assert as_bool("eotp", "True") is True and as_bool("eotp", False) is False
+    with pytest.raises(ValueError, match="model_args gen_length=64.5 is not an integer"):
+        as_int("gen_length", 64.5)
+    with pytest.raises(ValueError, match=r"model_args eotp='maybe' is not a boolean \(use one of"):
+        as_bool("eotp", "maybe")
+
+
+@pytest.mark.parametrize("arg_string, message", [
+    ("policy=foo", r"policy='foo' is not one of \['fixed', 'threshold', 'factor', 'oracle', 'learned'\]"),
+    ("threshold=abc", "model_args threshold='abc' is not a number"),
+    ("filter=/missing", "model_args filter='/missing' does not exist"),
+    ("cache=ring", r"cache='ring' is not one of \['none', 'prefix', 'dual'\]"),
+    ("colour=red", r"unknown model_args \['colour'\] for l2pd; known: \['pretrained', 'policy'"),
+    ("batch_size=auto", "automatic batch sizes are not supported"),
+])
+def test_bad_model_args_name_the_value(random_checkpoint: Path, arg_string: str, message: str) -> None:
+    with pytest.raises(ModelArgsError, match=message):
+        L2PDLM.create_from_arg_string(f"pretrained={random_checkpoint},{arg_string}")
+
+
+def test_generate_until_matches_the_engine_and_applies_until(lm: L2PDLM) -> None:
+    contexts = ["Tom has 12", "apples", "12 + 7 = 19"]
+    requests = [instance("generate_until", (c, {"until": [], "max_gen_toks": 20}), i) for i, c in enumerate(contexts)]
+    texts = lm.generate_until(requests)
+    engine = Engine(lm.model, DecodeConfig(gen_length=24, block_length=8), eot_ids=lm.stops)  # 20 -> 3 blocks
+    results = engine.generate([lm.encode_context(c) for c in contexts])
+    assert texts == [decode_response(lm.tokenizer, r.token_ids, lm.stops) for r in results]
+    assert texts[0].split(), "the random model writes words here, which the until check needs"
+    word = texts[0].split()[-1]
+    cut = lm.generate_until([instance("generate_until", (contexts[0], {"until": [word], "max_gen_toks": 20}))])
+    assert cut == [texts[0].split(word, 1)[0]]
+
+
+def test_loglikelihood_is_seeded_and_prefers_the_likelier_continuation(lm: L2PDLM) -> None:
+    requests = [instance("loglikelihood", ("Tom has 12", " apples")), instance("loglikelihood", ("Tom has", " 12"))]
+    first, again = lm.loglikelihood(requests), lm.loglikelihood(requests)
+    assert first == again
+    for value, greedy in first:
+        assert value < 0 and isinstance(greedy, bool)
+    with pytest.raises(NotImplementedError, match="loglikelihood_rolling .* not supported by l2pd"):
+        lm.loglikelihood_rolling([instance("loglikelihood_rolling", ("text",))])
+
+
+def test_mask_counts_cover_the_range_evenly() -> None:
+    counts = mask_counts(10, 10, torch.Generator().manual_seed(0))
+    assert sorted(counts.tolist()) == list(range(1, 11))
+
+
+def lm_eval_cli(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = (launcher or [sys.executable, "-m"]) + ["lm_eval", "--model", "l2pd", "--tasks", "listops",
+                                                     "--include_path", str(REPO / "tasks"), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def read_outputs(directory: Path) -> tuple[dict, list[dict], list[dict]]:
+    (results,) = directory.glob("*/results_*.json")
+    (samples,) = directory.glob("*/samples_listops_*.jsonl")
+    steps = [json.loads(line) for path in sorted(directory.glob("steps_listops_rank*.jsonl"))
+             for line in path.read_text().splitlines()]
+    return json.loads(results.read_text()), [json.loads(line) for line in samples.read_text().splitlines()], steps
+
+
+MODEL_ARGS = "policy=threshold,eotp=true,gen_length=32,block_length=32"
+
+
+def test_stock_lm_eval_cli_single_and_two_processes(tmp_path: Path) -> None:
+    single = lm_eval_cli("--model_args", MODEL_ARGS, "--limit", "6", "--batch_size", "4", "--output_path",
+                         str(tmp_path / "single"), "--log_samples")
+    assert single.returncode == 0, single.stderr[-3000:]
+    results, samples, steps = read_outputs(tmp_path / "single")
+    assert results["results"]["listops"]["exact_match,none"] == pytest.approx(
+        sum(s["exact_match"] for s in samples) / 6)
+    assert {(s["doc_id"], s["prompt_hash"]) for s in samples} == {(s["doc_id"], s["prompt_hash"]) for s in steps}
+    assert all(s["nfe"] >= 1 and s["settings"]["policy"] == "threshold" and s["settings"]["eotp"] for s in steps)
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    double = lm_eval_cli("--model_args", MODEL_ARGS, "--limit", "6", "--batch_size", "4", "--output_path",
+                         str(tmp_path / "double"), "--log_samples", launcher=launcher)
+    assert double.returncode == 0, double.stderr[-3000:]
+    results2, samples2, steps2 = read_outputs(tmp_path / "double")
+    assert results2["results"]["listops"] == results["results"]["listops"]
+    by_doc = {s["doc_id"]: s["resps"] for s in samples}
+    assert {s["doc_id"]: s["resps"] for s in samples2} == by_doc
+    assert len(list((tmp_path / "double").glob("steps_listops_rank*.jsonl"))) == 2  # each rank logs its share
+    assert sorted(s["doc_id"] for s in steps2) == sorted(by_doc)
+
+
+def test_stock_cli_reports_bad_model_args_in_one_line(tmp_path: Path) -> None:
+    result = lm_eval_cli("--model_args", "policy=foo", "--limit", "1")
+    assert result.returncode != 0
+    assert ("lm_eval --model l2pd: error: policy='foo' is not one of ['fixed', 'threshold', 'factor', 'oracle', "
+            "'learned']") in result.stderr
+    assert "Traceback" not in result.stderr

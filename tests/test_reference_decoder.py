@@ -9,6 +9,9 @@ import torch
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import generate
+from l2pd_harness.decoding.policies import build_policy
+from l2pd_harness.decoding.runner import ModelRunner
+from l2pd_harness.decoding.scheduler import ScheduledRequest
 from l2pd_harness.loading import load_model
 
 
@@ -66,7 +69,7 @@ def test_left_padded_batch_equals_single_decodes(random_checkpoint: Path) -> Non
 def test_sampling_options_are_seeded(random_checkpoint: Path) -> None:
     model, _ = load_model(random_checkpoint)
     greedy = generate(model, [[1, 2, 3]], DecodeConfig(gen_length=16, block_length=16))[0].token_ids
-    for options in ({"temperature": 1.0}, {"remasking": "random"}):
+    for options in ({"temperature": 1.0}, {"remasking": "random"}, {"cfg_scale": 2.0}):
         cfg = DecodeConfig(gen_length=16, block_length=16, seed=3, **options)
         first, second = (generate(model, [[1, 2, 3]], cfg)[0].token_ids for _ in range(2))
         assert first == second, options
@@ -85,3 +88,24 @@ def test_sampling_options_are_seeded(random_checkpoint: Path) -> None:
 def test_bad_settings_name_the_value(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DecodeConfig(**settings)
+
+
+def test_classifier_free_guidance_logits(random_checkpoint: Path) -> None:
+    """The guided pass is uncond + (s + 1) * (cond - uncond), the unconditional pass seeing the prompt masked."""
+    model, _ = load_model(random_checkpoint)
+    cfg = DecodeConfig(gen_length=8, block_length=8, cfg_scale=2.0)
+    prompt, mask_id = [1, 5, 9, 12], model.config.mask_token_id
+    tokens = torch.tensor(prompt + [mask_id] * 8)
+    row = ScheduledRequest(0, 0, tokens, prompt_length=4, block_start=4, block_step=0, reference=None)
+    guided, _ = ModelRunner(model, cfg, build_policy(cfg))._full_pass([row])
+    with torch.no_grad():
+        cond = model(tokens[None])[0, 4:]
+        uncond = model(torch.tensor([mask_id] * 4 + [mask_id] * 8)[None])[0, 4:]
+    torch.testing.assert_close(guided[0], uncond + 3.0 * (cond - uncond))
+    with pytest.raises(ValueError, match="cfg_scale=1.0 needs cache='none'"):
+        DecodeConfig(cfg_scale=1.0, cache="dual")
+
+
+def test_a_shorter_canvas_keeps_the_passes_per_block() -> None:
+    cfg = DecodeConfig(gen_length=256, block_length=32, steps=64).for_canvas(96)
+    assert (cfg.gen_length, cfg.steps, cfg.steps_per_block) == (96, 24, 8)

@@ -9,8 +9,9 @@ from tqdm import tqdm
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
+from l2pd_harness.decoding.scheduler import GenerationResult
 from l2pd_harness.tasks import get_task
-from l2pd_harness.text import decode_response, encode_prompt, stop_token_ids
+from l2pd_harness.text import decode_response, encode_prompt, response_length, stop_token_ids
 
 
 @dataclass
@@ -27,6 +28,13 @@ class EvalSummary:
                 "gen_length": self.gen_length, "tokens_per_step": self.tokens_per_step}
 
 
+def step_log(result: GenerationResult, prompt_tokens: int, stops: set[int]) -> dict:
+    """The step log every result row carries, whichever command wrote it."""
+    return {"nfe": result.nfe, "tokens_per_step": result.tokens_per_step,
+            "positions_per_step": result.positions_per_step, "latency_s": round(result.latency_s, 6),
+            "prompt_tokens": prompt_tokens, "generated_tokens": response_length(result.token_ids, stops)}
+
+
 def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_template: bool = True,
                  references: list[list[int]] | None = None, desc: str = "decode") -> Iterator[dict]:
     """Each row (with a ``prompt``) plus its text and step log (``nfe``, ``tokens_per_step``,
@@ -39,12 +47,8 @@ def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_tem
     next_index = 0
     with tqdm(total=len(rows), desc=desc, unit="prompt") as bar:
         for index, result in engine.stream(prompts, references):
-            text = decode_response(tokenizer, result.token_ids, stops)
-            generated = next((i for i, tok in enumerate(result.token_ids) if tok in stops), cfg.gen_length)
-            done[index] = {**rows[index], "text": text, "nfe": result.nfe, "tokens_per_step": result.tokens_per_step,
-                           "positions_per_step": result.positions_per_step, "latency_s": round(result.latency_s, 6),
-                           "prompt_tokens": len(prompts[index]), "generated_tokens": generated,
-                           "canvas": result.token_ids}
+            done[index] = {**rows[index], "text": decode_response(tokenizer, result.token_ids, stops),
+                           **step_log(result, len(prompts[index]), stops), "canvas": result.token_ids}
             bar.update(1)
             while next_index in done:
                 yield done.pop(next_index)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -33,6 +32,8 @@ from tqdm import tqdm
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.decoding.policies import build_policy
+from l2pd_harness.evaluation import step_log as step_log_fields
+from l2pd_harness.jsonl import JsonlWriter
 from l2pd_harness.likelihood import monte_carlo_loglikelihood
 from l2pd_harness.loading import load_model
 from l2pd_harness.text import decode_response, stop_token_ids
@@ -235,8 +236,7 @@ class L2PDLM(LM):
                     index = indices[local]
                     text = decode_response(self.tokenizer, result.token_ids, self.stops)
                     texts[index] = cut_at_until(text, requests[index].args[1].get("until"))
-                    step_log.write(index, result, len(prompts[local]),
-                                   len(cut_at_stop(result.token_ids, self.stops)), self.settings)
+                    step_log.write(index, step_log_fields(result, len(prompts[local]), self.stops), self.settings)
                     bar.update(1)
         return texts
 
@@ -266,10 +266,6 @@ def load_filter(path: str | None, accept_threshold: float):
                      "(filter training and its checkpoint format are not part of it)")
 
 
-def cut_at_stop(token_ids: list[int], stops: set[int]) -> list[int]:
-    return token_ids[: next((i for i, tok in enumerate(token_ids) if tok in stops), len(token_ids))]
-
-
 def cut_at_until(text: str, until: list[str] | str | None) -> str:
     """``text`` up to the first of lm-eval's stop sequences."""
     for stop in [until] if isinstance(until, str) else until or []:
@@ -279,34 +275,27 @@ def cut_at_until(text: str, until: list[str] | str | None) -> str:
 
 
 class StepLog:
-    """Per-request step logs as JSONL; written to ``.partial`` and renamed when the call completes."""
+    """Per-request step logs as JSONL (crash-safe, see :class:`JsonlWriter`); nothing without a directory."""
 
     def __init__(self, directory: Path | None, requests: list[Instance], rank: int):
-        self.requests, self.handle, self.path = requests, None, None
+        self.requests, self.writer = requests, None
         if directory is not None:
             task = requests[0].task_name if requests else "none"
-            self.path = Path(directory) / f"steps_{task}_rank{rank}_{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+            self.writer = JsonlWriter(Path(directory) / f"steps_{task}_rank{rank}_{time.strftime('%Y%m%dT%H%M%S')}"
+                                                        ".jsonl")
 
     def __enter__(self) -> StepLog:
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = self.path.with_name(self.path.name + ".partial").open("w")
+        if self.writer is not None:
+            self.writer.__enter__()
         return self
 
-    def write(self, index: int, result, prompt_tokens: int, generated_tokens: int, settings: dict) -> None:
-        if self.handle is None:
+    def write(self, index: int, fields: dict, settings: dict) -> None:
+        if self.writer is None:
             return
         request = self.requests[index]
-        row = {"task": request.task_name, "doc_id": request.doc_id, "repeat": request.idx,
-               "prompt_hash": hash_string(request.args[0]), "nfe": result.nfe,
-               "tokens_per_step": result.tokens_per_step, "positions_per_step": result.positions_per_step,
-               "latency_s": round(result.latency_s, 6), "prompt_tokens": prompt_tokens,
-               "generated_tokens": generated_tokens, "settings": settings}
-        self.handle.write(json.dumps(row) + "\n")
-        self.handle.flush()
+        self.writer.write({"task": request.task_name, "doc_id": request.doc_id, "repeat": request.idx,
+                           "prompt_hash": hash_string(request.args[0]), **fields, "settings": settings})
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            if exc_type is None:
-                os.replace(self.handle.name, self.path)
+        if self.writer is not None:
+            self.writer.__exit__(exc_type, exc, tb)

@@ -27,7 +27,11 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, eos_token_id: int) -> set
     return stops
 
 
+def response_length(canvas: list[int], stops: set[int]) -> int:
+    """Generated tokens of a canvas: the positions before its first stop token."""
+    return next((i for i, tok in enumerate(canvas) if tok in stops), len(canvas))
+
+
 def decode_response(tokenizer: PreTrainedTokenizerBase, canvas: list[int], stops: set[int]) -> str:
     """Text of ``canvas`` up to its first stop token, special tokens dropped."""
-    end = next((i for i, tok in enumerate(canvas) if tok in stops), len(canvas))
-    return tokenizer.decode(canvas[:end], skip_special_tokens=True)
+    return tokenizer.decode(canvas[: response_length(canvas, stops)], skip_special_tokens=True)

@@ -43,19 +43,16 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         rows = scheduled.requests
-        full = [i for i, r in enumerate(rows) if self.cache is None or r.block_step == 0]
-        cached = [i for i, r in enumerate(rows) if i not in set(full)]
-        logits = torch.empty(0)
+        uses_cache = [self.cache is not None and r.block_step > 0 for r in rows]
+        logits: list[torch.Tensor | None] = [None] * len(rows)  # each [block_length, V]
         computed = [0] * len(rows)
-        for group, forward in ((full, self._full_pass), (cached, self._cached_pass)):
+        for cached, forward in ((False, self._full_pass), (True, self._cached_pass)):
+            group = [i for i, flag in enumerate(uses_cache) if flag == cached]
             if group:
                 group_logits, group_computed = forward([rows[i] for i in group])
-                if logits.numel() == 0:
-                    logits = group_logits.new_empty((len(rows), *group_logits.shape[1:]))
-                logits[group] = group_logits
-                for i, n in zip(group, group_computed, strict=True):
-                    computed[i] = n
-        return self._decide(rows, logits, computed)
+                for i, row_logits, count in zip(group, group_logits, group_computed, strict=True):
+                    logits[i], computed[i] = row_logits, count
+        return self._decide(rows, torch.stack(logits), computed)
 
     def _block_columns(self, rows: list[ScheduledRequest], offset: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, block_length]`` column of each block position, ``offset [B]`` from the row's block start."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,10 +30,12 @@ class EvalSummary:
 
 
 def step_log(result: GenerationResult, prompt_tokens: int, stops: set[int]) -> dict:
-    """The step log every result row carries, whichever command wrote it."""
+    """The step log every result row carries, whichever command wrote it (``finished_at``: Unix time, so
+    analysis can span a run's wall time from its rows)."""
     return {"nfe": result.nfe, "tokens_per_step": result.tokens_per_step,
             "positions_per_step": result.positions_per_step, "latency_s": round(result.latency_s, 6),
-            "prompt_tokens": prompt_tokens, "generated_tokens": response_length(result.token_ids, stops)}
+            "prompt_tokens": prompt_tokens, "generated_tokens": response_length(result.token_ids, stops),
+            "finished_at": round(time.time(), 6)}
 
 
 def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_template: bool = True,

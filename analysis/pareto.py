@@ -1,0 +1,200 @@
+"""Accuracy against speed from logged lm-eval runs: one table, Pareto frontiers, AUP and plots.
+
+    python analysis/pareto.py results/sweep-tiny --out results/sweep-tiny/report
+
+``RUNS_DIR`` holds one lm-eval output directory per configuration (as ``analysis/sweep.py`` writes them): the
+``results_*.json`` of lm-eval (accuracy, its standard error, the l2pd settings from ``get_model_info``) and the
+``steps_<task>_rank<r>_*.jsonl`` step logs of the l2pd model. Output: ``runs.csv`` (one row per configuration and
+task), ``table.md``, and per task ``<task>_pareto.png``.
+
+Counting rule (the only place speed is computed): tokens per forward = committed canvas positions / forward passes;
+tokens per second = generated tokens (before the first end-of-text) / wall time, the wall time spanning the first
+request's start to the last one's end over all ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+AUP_DROP = 5.0  # accuracy points below a curve's first point past which its points no longer count
+PREFERRED_FILTERS = ("strict-match", "none", "exact")
+
+
+def family_of(settings: dict) -> str:
+    """A policy family: the policy with its EoTP and cache options (a curve in the plots)."""
+    name = settings["policy"] + ("+eotp" if settings["eotp"] else "")
+    return name if settings["cache"] == "none" else f"{name}+{settings['cache']}"
+
+
+def knob_of(settings: dict) -> str:
+    """What moves a configuration along its family's curve."""
+    policy = settings["policy"]
+    if policy == "fixed":
+        return f"{settings['gen_length'] // settings['steps']} tok/step"
+    if policy == "threshold":
+        return f"threshold {settings['threshold']}"
+    if policy == "factor":
+        return f"factor {settings['factor']}"
+    if policy == "learned":
+        return f"accept {settings['accept_threshold']}"
+    return policy
+
+
+def accuracy_of(task_result: dict) -> tuple[float, float]:
+    """``(accuracy, stderr)`` from lm-eval's metrics of one task, preferring the strict filter."""
+    for name in PREFERRED_FILTERS:
+        if f"exact_match,{name}" in task_result:
+            return task_result[f"exact_match,{name}"], task_result.get(f"exact_match_stderr,{name}", math.nan)
+    raise ValueError(f"no exact_match metric among {sorted(task_result)}")
+
+
+def read_step_logs(run_dir: Path, task: str) -> pd.DataFrame:
+    rows = [json.loads(line) for path in sorted(run_dir.glob(f"steps_{task}_rank*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise FileNotFoundError(f"{run_dir} has no steps_{task}_rank*.jsonl step log")
+    return pd.DataFrame(rows).drop_duplicates(["doc_id", "repeat"], keep="last")
+
+
+def speed_metrics(steps: pd.DataFrame) -> dict:
+    """The counting rule: see the module docstring."""
+    started = (steps["finished_at"] - steps["latency_s"]).min()
+    wall = steps["finished_at"].max() - started
+    return {"n_logged": len(steps), "mean_nfe": steps["nfe"].mean(),
+            "tokens_per_forward": steps["tokens_per_step"].map(sum).sum() / steps["nfe"].sum(),
+            "tokens_per_s": steps["generated_tokens"].sum() / wall, "wall_s": wall,
+            "latency_p50_s": steps["latency_s"].quantile(0.5), "latency_p95_s": steps["latency_s"].quantile(0.95)}
+
+
+def load_runs(runs_dir: Path) -> pd.DataFrame:
+    """One row per configuration and task."""
+    records = []
+    for results_path in sorted(runs_dir.glob("**/results_*.json")):
+        results = json.loads(results_path.read_text())
+        settings = results["config"]["l2pd_settings"]
+        run_dir = results_path.parent.parent  # lm-eval writes into <output_path>/<model name>/
+        for task, task_result in results["results"].items():
+            accuracy, stderr = accuracy_of(task_result)
+            records.append({"run": run_dir.name, "task": task, "family": family_of(settings),
+                            "knob": knob_of(settings), **{k: settings[k] for k in (
+                                "policy", "threshold", "factor", "eotp", "cache", "gen_length", "steps")},
+                            "accuracy": 100 * accuracy, "accuracy_stderr": 100 * stderr,
+                            **speed_metrics(read_step_logs(run_dir, task))})
+    if not records:
+        raise FileNotFoundError(f"no lm-eval results_*.json under {runs_dir}")
+    return add_baseline_ratios(pd.DataFrame(records))
+
+
+def add_baseline_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Speedups and accuracy change against the task's baseline: ``fixed`` at one token per step, no EoTP, no
+    cache, at the same canvas length."""
+    is_baseline = (frame["policy"] == "fixed") & (frame["steps"] == frame["gen_length"]) & ~frame["eotp"] & (
+        frame["cache"] == "none")
+    baseline = frame[is_baseline].set_index(["task", "gen_length"])
+    keys = list(zip(frame["task"], frame["gen_length"], strict=True))
+    missing = sorted({key for key in keys if key not in baseline.index})
+    if missing:
+        raise ValueError(f"no baseline run (fixed, steps = gen_length, no EoTP, no cache) for {missing}")
+    base = baseline.loc[keys].reset_index(drop=True)
+    frame = frame.copy()
+    frame["nfe_speedup"] = base["mean_nfe"].to_numpy() / frame["mean_nfe"]
+    frame["time_speedup"] = frame["tokens_per_s"] / base["tokens_per_s"].to_numpy()
+    frame["accuracy_delta"] = frame["accuracy"] - base["accuracy"].to_numpy()
+    return frame
+
+
+def pareto_mask(x: pd.Series, y: pd.Series) -> pd.Series:
+    """True for points no other point beats on both ``x`` and ``y`` (higher is better on both)."""
+    beaten = [((x >= xi) & (y >= yi) & ((x > xi) | (y > yi))).any() for xi, yi in zip(x, y, strict=True)]
+    return ~pd.Series(beaten, index=x.index)
+
+
+def aup(rho: list[float], accuracy: list[float], y_max: float) -> float:
+    """Accuracy under parallelism of one curve (d3LLM's definition; accuracy in points, ``y_max`` the best
+    accuracy of any method on the task)."""
+    points = sorted(zip(rho, accuracy, strict=True))
+    kept = [p for p in points if p[1] >= points[0][1] - AUP_DROP]
+
+    def weighted(y: float) -> float:
+        return y * min(math.exp(-3 * (1 - y / y_max)), 1.0)
+
+    area = kept[0][0] * kept[0][1]
+    for (r0, y0), (r1, y1) in zip(kept, kept[1:], strict=False):
+        area += 0.5 * (r1 - r0) * (weighted(y1) + weighted(y0))
+    return area
+
+
+def family_aup(frame: pd.DataFrame) -> pd.Series:
+    """AUP of every (task, family) curve."""
+    y_max = frame.groupby("task")["accuracy"].max()
+    return frame.groupby(["task", "family"]).apply(
+        lambda g: aup(g["tokens_per_forward"].tolist(), g["accuracy"].tolist(), y_max[g.name[0]]),
+        include_groups=False).rename("aup")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    aups = family_aup(frame)
+    lines = ["| task | family | setting | accuracy (%) | Δ vs baseline | mean NFE | tokens/forward | tokens/s "
+             "| NFE speedup | time speedup | family AUP |", "|" + "---|" * 11]
+    for row in frame.sort_values(["task", "family", "tokens_per_forward"]).itertuples():
+        lines.append(f"| {row.task} | {row.family} | {row.knob} | {row.accuracy:.1f} ± {row.accuracy_stderr:.1f} "
+                     f"| {row.accuracy_delta:+.1f} | {row.mean_nfe:.1f} | {row.tokens_per_forward:.2f} "
+                     f"| {row.tokens_per_s:.1f} | {row.nfe_speedup:.2f}x | {row.time_speedup:.2f}x "
+                     f"| {aups[(row.task, row.family)]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_task(frame: pd.DataFrame, task: str, path: Path) -> None:
+    """Accuracy against forward passes and against tokens/s: one line per family, frontier ringed."""
+    rows = frame[frame["task"] == task]
+    baseline = rows[(rows["nfe_speedup"] == 1.0) & (rows["family"] == "fixed")]["accuracy"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, x, label, on_frontier in (
+            (axes[0], "mean_nfe", "mean forward passes per sample (log scale, fewer is faster)",
+             pareto_mask(-rows["mean_nfe"], rows["accuracy"])),
+            (axes[1], "tokens_per_s", "generated tokens per second (log scale)",
+             pareto_mask(rows["tokens_per_s"], rows["accuracy"]))):
+        for family, curve in rows.sort_values(x).groupby("family"):
+            ax.plot(curve[x], curve["accuracy"], marker="o", label=family)
+        ax.scatter(rows[x][on_frontier], rows["accuracy"][on_frontier], s=160, facecolors="none",
+                   edgecolors="black", label="Pareto frontier")
+        if len(baseline):
+            ax.axhline(baseline.iloc[0], color="grey", linestyle="--", linewidth=1, label="baseline accuracy")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{task}: accuracy against speed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", type=Path, help="directory of lm-eval runs (one per configuration)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for runs.csv, table.md and plots")
+    args = parser.parse_args()
+    if not args.runs_dir.is_dir():
+        parser.error(f"RUNS_DIR {str(args.runs_dir)!r} is not a directory")
+    frame = load_runs(args.runs_dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(args.out / "runs.csv", index=False)
+    (args.out / "table.md").write_text(markdown_table(frame))
+    for task in sorted(frame["task"].unique()):
+        plot_task(frame, task, args.out / f"{task}_pareto.png")
+    print(markdown_table(frame))
+
+
+if __name__ == "__main__":
+    main()

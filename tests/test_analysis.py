@@ -1,0 +1,108 @@
+"""analysis/: loading recorded lm-eval runs, the counting rule, baseline ratios, Pareto frontier and AUP."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "analysis"))
+
+import pareto  # noqa: E402
+import sweep  # noqa: E402
+
+
+def write_run(root: Path, name: str, settings: dict, accuracy: float, steps: list[dict]) -> None:
+    """A recorded run as lm-eval and the l2pd model leave it: results JSON one level down, step logs beside."""
+    run = root / name
+    (run / "model").mkdir(parents=True)
+    results = {"results": {"arith": {"exact_match,strict-match": accuracy, "exact_match_stderr,strict-match": 0.05}},
+               "config": {"l2pd_settings": {"threshold": 0.9, "factor": 1.0, "eotp": False, "cache": "none",
+                                            "gen_length": 64, "steps": 64, "accept_threshold": 0.5, **settings}}}
+    (run / "model" / "results_2026.json").write_text(json.dumps(results))
+    (run / "steps_arith_rank0_2026.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+
+
+def step(doc_id: int, nfe: int, committed: int, generated: int, latency: float, finished_at: float) -> dict:
+    return {"doc_id": doc_id, "repeat": 0, "nfe": nfe, "tokens_per_step": [committed // nfe] * nfe,
+            "latency_s": latency, "generated_tokens": generated, "finished_at": finished_at}
+
+
+@pytest.fixture()
+def runs(tmp_path: Path) -> Path:
+    write_run(tmp_path, "base", {"policy": "fixed"}, 0.80,
+              [step(0, 64, 64, 20, 2.0, 102.0), step(1, 64, 64, 30, 3.0, 103.0)])
+    write_run(tmp_path, "fast", {"policy": "threshold", "eotp": True}, 0.78,
+              [step(0, 8, 32, 20, 0.5, 200.5), step(1, 8, 32, 30, 0.5, 201.0)])
+    write_run(tmp_path, "faster", {"policy": "threshold", "eotp": True, "threshold": 0.5}, 0.70,
+              [step(0, 4, 32, 20, 0.25, 300.25), step(1, 4, 32, 30, 0.25, 300.5)])
+    return tmp_path
+
+
+def test_load_runs_applies_the_counting_rule(runs: Path) -> None:
+    frame = pareto.load_runs(runs).set_index("run")
+    base, fast = frame.loc["base"], frame.loc["fast"]
+    assert base["accuracy"] == pytest.approx(80.0) and base["accuracy_stderr"] == pytest.approx(5.0)
+    assert base["mean_nfe"] == 64 and base["tokens_per_forward"] == 1.0
+    assert base["wall_s"] == pytest.approx(3.0)  # first start 100.0 (102 - 2) to last end 103.0
+    assert base["tokens_per_s"] == pytest.approx(50 / 3.0)
+    assert fast["tokens_per_forward"] == 4.0 and fast["wall_s"] == pytest.approx(1.0)
+    assert fast["nfe_speedup"] == pytest.approx(8.0) and fast["time_speedup"] == pytest.approx(50 / (50 / 3))
+    assert fast["accuracy_delta"] == pytest.approx(-2.0)
+    assert (fast["family"], fast["knob"]) == ("threshold+eotp", "threshold 0.9")
+
+
+def test_pareto_frontier_by_hand() -> None:
+    x = pd.Series([1.0, 4.0, 8.0, 2.0])
+    y = pd.Series([80.0, 78.0, 70.0, 75.0])  # (2, 75) is beaten by (4, 78)
+    assert pareto.pareto_mask(x, y).tolist() == [True, True, True, False]
+
+
+def test_aup_by_hand() -> None:
+    # Sorted by rho: (1, 80), (2, 78), (4, 70); 70 is more than 5 points below 80, so it is dropped.
+    expected = 1 * 80 + 0.5 * (2 - 1) * (78 * math.exp(-3 * (1 - 78 / 80)) + 80 * 1.0)
+    assert pareto.aup([4.0, 1.0, 2.0], [70.0, 80.0, 78.0], y_max=80.0) == pytest.approx(expected)
+    assert pareto.aup([1.0], [60.0], y_max=80.0) == pytest.approx(60.0)
+
+
+def test_family_aup_uses_the_task_best_accuracy(runs: Path) -> None:
+    frame = pareto.load_runs(runs)
+    aups = pareto.family_aup(frame)
+    assert aups[("arith", "fixed")] == pytest.approx(80.0)
+    # threshold+eotp: (4, 78) then (8, 70): 70 is 8 points below 78, dropped; y_max 80 comes from fixed.
+    assert aups[("arith", "threshold+eotp")] == pytest.approx(4 * 78)
+
+
+def test_missing_baseline_is_an_error(runs: Path) -> None:
+    frame = pareto.load_runs(runs)
+    with pytest.raises(ValueError, match=r"no baseline run .* for \[\('arith', 64\)\]"):
+        pareto.add_baseline_ratios(frame[frame["run"] != "base"].reset_index(drop=True))
+
+
+def test_cli_writes_table_csv_and_plots(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, str(REPO / "analysis" / "pareto.py"), str(runs), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (out / "arith_pareto.png").stat().st_size > 10_000
+    table = (out / "table.md").read_text()
+    assert "| arith | threshold+eotp | threshold 0.9 | 78.0 ± 5.0 | -2.0 | 8.0 | 4.00 |" in table
+    assert len(pd.read_csv(out / "runs.csv")) == 3
+
+
+def test_sweep_grid_expansion() -> None:
+    spec = {"model_args": {"gen_length": 64}, "grid": [{"policy": "fixed", "steps": [64, 16]},
+                                                       {"policy": "threshold", "threshold": [0.5, 0.9],
+                                                        "eotp": [False, True]}]}
+    runs = sweep.configurations(spec)
+    assert len(runs) == 6 and runs[0] == {"gen_length": 64, "policy": "fixed", "steps": 64}
+    assert sweep.run_name(runs[-1]) == "gen_length-64_policy-threshold_threshold-0.9_eotp-True"
+    command = sweep.lm_eval_command({"tasks": ["arith"], "limit": 8}, runs[0], Path("/tmp/x"))
+    assert command[command.index("--model_args") + 1] == "gen_length=64,policy=fixed,steps=64"
+    assert command[-2:] == ["--limit", "8"]

@@ -5,8 +5,9 @@ generated tokens per second (response tokens before the first end-of-text, over 
 per-sample latency, speedups against the baseline (``fixed``, one token per step, no EoTP, no cache), and how
 often a cached run's output equals the same policy's ``cache=none`` output.
 
-Results go to ``benchmarks/results/decode.json`` after every configuration (written atomically; a rerun skips
-configurations already there, so an interrupted run resumes) and the table to ``benchmarks/README.md``.
+Results go to ``benchmarks/results/decode.json`` after every configuration and task (written atomically; a rerun
+skips what is already there, so an interrupted run resumes; ``--redo RUN`` measures a run again) and the table to
+``benchmarks/README.md``.
 Per-sample rows go to ``--rows-dir`` (outputs are compared across runs; the oracle reads the baseline's).
 
     python benchmarks/decode.py                 # the full grid, 200 problems per task (CPU: about 1.5 hours)
@@ -69,7 +70,7 @@ def decode_task(model, tokenizer, task: str, problems: list[dict], cfg: DecodeCo
     return rows, wall
 
 
-def summarise(rows: list[dict], wall_s: float, baseline: dict | None, same_policy_rows: list[dict] | None) -> dict:
+def summarise(rows: list[dict], wall_s: float, same_policy_rows: list[dict] | None) -> dict:
     nfe = [row["nfe"] for row in rows]
     latency = sorted(row["latency_s"] for row in rows)
     summary = {
@@ -84,22 +85,35 @@ def summarise(rows: list[dict], wall_s: float, baseline: dict | None, same_polic
         "latency_p50_s": statistics.median(latency),
         "latency_p95_s": latency[min(len(latency) - 1, round(0.95 * (len(latency) - 1)))],
     }
-    if baseline is not None:
-        summary["nfe_speedup"] = baseline["mean_nfe"] / summary["mean_nfe"]
-        summary["time_speedup"] = baseline["wall_s"] / wall_s
-        summary["accuracy_delta"] = summary["accuracy"] - baseline["accuracy"]
     if same_policy_rows is not None:
         same = sum(a["text"] == b["text"] for a, b in zip(rows, same_policy_rows, strict=True))
         summary["matches_cache_none"] = same / len(rows)
     return summary
 
 
+def add_ratios(results: dict) -> None:
+    """Speedups and accuracy change of every run against the baseline as it now stands (so a rerun baseline
+    updates every ratio)."""
+    baseline = results["runs"].get(config_name(*BASELINE))
+    if baseline is None:
+        return
+    for run in results["runs"].values():
+        for task, s in run["tasks"].items():
+            base = baseline["tasks"].get(task)
+            if base is not None:
+                s["nfe_speedup"] = base["mean_nfe"] / s["mean_nfe"]
+                s["time_speedup"] = base["wall_s"] / s["wall_s"]
+                s["accuracy_delta"] = s["accuracy"] - base["accuracy"]
+
+
 def markdown_table(results: dict) -> str:
     header = ("| task | policy | EoTP | cache | accuracy | mean NFE | tokens/forward | tokens/s | p50 latency (s) "
               "| p95 latency (s) | NFE speedup | time speedup | same output as cache=none |")
     lines = [header, "|" + "---|" * 13]
-    for run in results["runs"].values():
-        for task, s in run["tasks"].items():
+    tasks = sorted({task for run in results["runs"].values() for task in run["tasks"]})
+    for task in tasks:
+        for run in (run for run in results["runs"].values() if task in run["tasks"]):
+            s = run["tasks"][task]
             match = f"{100 * s['matches_cache_none']:.1f}%" if "matches_cache_none" in s else "-"
             lines.append(
                 f"| {task} | {run['policy']} ({POLICY_KNOBS[run['policy']]}) | {'yes' if run['eotp'] else 'no'} "
@@ -138,6 +152,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows-dir", type=Path, default=HERE.parent / "runs" / "bench-decode",
                    help="per-sample rows of every run (git-ignored by default)")
     p.add_argument("--readme", default=str(HERE / "README.md"), help="README whose table to rewrite, or 'none'")
+    p.add_argument("--redo", action="append", default=[], metavar="RUN",
+                   help="measure this run (e.g. fixed/none) again for --tasks, replacing its figures; repeatable")
     return p.parse_args()
 
 
@@ -160,24 +176,29 @@ def main() -> None:
     with torch.no_grad():  # warm-up, so the first timed run does not pay for lazy initialisation
         list(iter_decoded(model, tokenizer, problems[tasks[0]][:2], DecodeConfig(gen_length=args.gen_length,
                                                                                  block_length=args.block_length)))
+    for name in args.redo:
+        if name not in results["runs"]:
+            raise SystemExit(f"--redo {name!r}: no such run in {args.out} (runs: {sorted(results['runs'])})")
+        for task in tasks:
+            results["runs"][name]["tasks"].pop(task, None)
     for policy, eotp, cache in grid(policies, caches):
         name = config_name(policy, eotp, cache)
-        if name in results["runs"]:
+        run = results["runs"].get(name, {"policy": policy, "eotp": eotp, "cache": cache, "tasks": {}})
+        if all(task in run["tasks"] for task in tasks):
             continue
         cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=policy, eotp=eotp,
                            cache=cache, batch_size=args.batch_size)
-        run = {"policy": policy, "eotp": eotp, "cache": cache, "tasks": {}}
-        for task in tasks:
+        for task in [t for t in tasks if t not in run["tasks"]]:
             rows_dir = args.rows_dir / task
             baseline_rows = rows_dir / (config_name(*BASELINE).replace("/", "-") + ".jsonl")
             references = [row["canvas"] for row in read_rows(baseline_rows)] if policy == "oracle" else None
             rows, wall = decode_task(model, tokenizer, task, problems[task], cfg,
                                      rows_dir / (name.replace("/", "-") + ".jsonl"), references)
             uncached = rows_dir / (config_name(policy, eotp, "none").replace("/", "-") + ".jsonl")
-            baseline = results["runs"].get(config_name(*BASELINE), run)["tasks"].get(task)
-            run["tasks"][task] = summarise(rows, wall, baseline, read_rows(uncached) if cache != "none" else None)
-        results["runs"][name] = run
-        write_atomic(args.out, json.dumps(results, indent=2) + "\n")
+            run["tasks"][task] = summarise(rows, wall, read_rows(uncached) if cache != "none" else None)
+            results["runs"][name] = run
+            add_ratios(results)
+            write_atomic(args.out, json.dumps(results, indent=2) + "\n")
         print(json.dumps({name: {t: round(s["accuracy"], 3) for t, s in run["tasks"].items()}}), flush=True)
     if args.readme != "none":
         update_readme(Path(args.readme), results)

@@ -129,11 +129,11 @@ class L2PDLM(LM):
         self.cfg = DecodeConfig(
             gen_length=as_int("gen_length", gen_length), block_length=as_int("block_length", block_length),
             policy=policy, steps=as_int("steps", steps), threshold=as_float("threshold", threshold),
-            factor=as_float("factor", factor), eotp=as_bool("eotp", eotp), cache=cache,
+            factor=as_float("factor", factor), accept_threshold=as_float("accept_threshold", accept_threshold),
+            eotp=as_bool("eotp", eotp), cache=cache,
             temperature=as_float("temperature", temperature), cfg_scale=as_float("cfg_scale", cfg_scale),
             seed=as_int("seed", seed), batch_size=as_int("batch_size", batch_size))
-        self.policy = build_policy(self.cfg, learned_filter=load_filter(filter, as_float("accept_threshold",
-                                                                                         accept_threshold)))
+        self.policy = build_policy(self.cfg, learned_filter=load_filter(filter))
         self.mc_num, self.chat_template_default = as_int("mc_num", mc_num), as_bool("chat_template", chat_template)
         self.templated_by_lm_eval = False
         self.accelerator = None
@@ -148,8 +148,8 @@ class L2PDLM(LM):
         self._device = next(self.model.parameters()).device
         self.stops = stop_token_ids(self.tokenizer, self.model.config.eos_token_id)
         self.log_dir = Path(log_dir) if log_dir is not None else output_path_from_argv()
-        self.settings = {"pretrained": pretrained or "tiny-llada (shipped)", "filter": filter,
-                         "accept_threshold": accept_threshold, "mc_num": self.mc_num, **vars(self.cfg)}
+        self.settings = {"pretrained": pretrained or "tiny-llada (shipped)", "filter": filter, "mc_num": self.mc_num,
+                         **vars(self.cfg)}
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> L2PDLM:
@@ -258,7 +258,7 @@ class L2PDLM(LM):
             "continuation given a context; use generate_until or loglikelihood tasks")
 
 
-def load_filter(path: str | None, accept_threshold: float):
+def load_filter(path: str | None):
     """The learned policy's filter, read from its checkpoint."""
     if path is None:
         return None

@@ -143,6 +143,8 @@ def test_build_policy_from_config() -> None:
     assert build_policy(DecodeConfig(policy="threshold", threshold=0.7)) == Threshold(0.7)
     assert build_policy(DecodeConfig(policy="factor", factor=2.0)) == Factor(2.0)
     assert isinstance(build_policy(DecodeConfig(policy="oracle")), Oracle)
+    learned = build_policy(DecodeConfig(policy="learned", accept_threshold=0.8), learned_filter=torch.sigmoid)
+    assert learned == Learned(torch.sigmoid, 0.8)
     with pytest.raises(ValueError, match="policy 'learned' needs a trained filter"):
         build_policy(DecodeConfig(policy="learned"))
 
@@ -166,6 +168,7 @@ def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
     ({"cache": "ring"}, r"cache='ring' is not one of \['none', 'prefix', 'dual'\]"),
     ({"threshold": 1.5}, r"threshold=1.5 must be in \(0, 1\]"),
     ({"factor": -1.0}, "factor=-1.0 must be > 0"),
+    ({"accept_threshold": 1.0}, r"accept_threshold=1.0 must be in \(0, 1\)"),
     ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
 ])
 def test_bad_settings_name_the_value(settings: dict, message: str) -> None:

@@ -28,6 +28,8 @@ class DecodeConfig:
     """``threshold``: commit every masked position whose confidence exceeds this (at least one per step)."""
     factor: float = 1.0
     """``factor``: commit the n most confident positions while (n + 1) * (1 - c_n) < factor (at least one)."""
+    accept_threshold: float = 0.5
+    """``learned``: commit the masked positions whose filter probability exceeds this (at least one)."""
     eotp: bool = False
     """End-of-Text Prediction: once end-of-text is committed at position p, drop every later position."""
     cache: str = "none"
@@ -57,6 +59,8 @@ class DecodeConfig:
                 raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
+        if not 0 < self.accept_threshold < 1:
+            raise ValueError(f"accept_threshold={self.accept_threshold} must be in (0, 1)")
         if self.factor <= 0:
             raise ValueError(f"factor={self.factor} must be > 0")
         if self.temperature < 0:

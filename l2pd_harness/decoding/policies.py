@@ -131,4 +131,4 @@ def build_policy(cfg: DecodeConfig, learned_filter: Callable[[torch.Tensor], tor
         return Oracle()
     if learned_filter is None:
         raise ValueError("policy 'learned' needs a trained filter (learned_filter=...)")
-    return Learned(learned_filter)
+    return Learned(learned_filter, cfg.accept_threshold)

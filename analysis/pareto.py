@@ -4,7 +4,7 @@
 
 ``RUNS_DIR`` holds one lm-eval output directory per configuration (as ``analysis/sweep.py`` writes them): the
 ``results_*.json`` of lm-eval (accuracy, its standard error, the l2pd settings from ``get_model_info``) and the
-``steps_<task>_rank<r>_*.jsonl`` step logs of the l2pd model. Output: ``runs.csv`` (one row per configuration and
+``steps_rank<r>_*.jsonl`` step logs of the l2pd model. Output: ``runs.csv`` (one row per configuration and
 task), ``table.md``, and per task ``<task>_pareto.png``.
 
 Counting rule (the only place speed is computed): tokens per forward = committed canvas positions / forward passes;
@@ -58,10 +58,10 @@ def accuracy_of(task_result: dict) -> tuple[float, float]:
 
 
 def read_step_logs(run_dir: Path, task: str) -> pd.DataFrame:
-    rows = [json.loads(line) for path in sorted(run_dir.glob(f"steps_{task}_rank*.jsonl"))
-            for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for path in sorted(run_dir.glob("steps_rank*.jsonl"))
+            for row in map(json.loads, path.read_text().splitlines()) if row["task"] == task]
     if not rows:
-        raise FileNotFoundError(f"{run_dir} has no steps_{task}_rank*.jsonl step log")
+        raise FileNotFoundError(f"{run_dir} has no step log rows of task {task!r} (steps_rank*.jsonl)")
     return pd.DataFrame(rows).drop_duplicates(["doc_id", "repeat"], keep="last")
 
 

@@ -3,7 +3,7 @@
     lm_eval --model l2pd --model_args policy=threshold,eotp=true --tasks arith --include_path tasks
 
 ``model_args`` are the keywords of :class:`L2PDLM`. Each generation request's step log (forward passes, tokens
-per step, latency, settings) goes to ``steps_<task>_rank<r>_<time>.jsonl`` in ``log_dir`` (default: the
+per step, latency, settings) goes to ``steps_rank<r>_<time>.jsonl`` in ``log_dir`` (default: the
 ``--output_path`` of the lm-eval command), keyed by ``task``, ``doc_id`` and ``prompt_hash`` (lm-eval's
 ``hash_string`` of the request context, its samples' ``arguments``) so analysis can join it to
 ``samples_*.jsonl``. lm-eval's ``--use_cache`` keys requests by their text only, not by ``model_args``: use one
@@ -279,10 +279,8 @@ class StepLog:
 
     def __init__(self, directory: Path | None, requests: list[Instance], rank: int):
         self.requests, self.writer = requests, None
-        if directory is not None:
-            task = requests[0].task_name if requests else "none"
-            self.writer = JsonlWriter(Path(directory) / f"steps_{task}_rank{rank}_{time.strftime('%Y%m%dT%H%M%S')}"
-                                                        ".jsonl")
+        if directory is not None:  # one file per call and rank; lm-eval sends every task's requests in one call
+            self.writer = JsonlWriter(Path(directory) / f"steps_rank{rank}_{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
 
     def __enter__(self) -> StepLog:
         if self.writer is not None:

@@ -26,11 +26,11 @@ def write_run(root: Path, name: str, settings: dict, accuracy: float, steps: lis
                "config": {"l2pd_settings": {"threshold": 0.9, "factor": 1.0, "eotp": False, "cache": "none",
                                             "gen_length": 64, "steps": 64, "accept_threshold": 0.5, **settings}}}
     (run / "model" / "results_2026.json").write_text(json.dumps(results))
-    (run / "steps_arith_rank0_2026.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    (run / "steps_rank0_2026.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
 
 
 def step(doc_id: int, nfe: int, committed: int, generated: int, latency: float, finished_at: float) -> dict:
-    return {"doc_id": doc_id, "repeat": 0, "nfe": nfe, "tokens_per_step": [committed // nfe] * nfe,
+    return {"task": "arith", "doc_id": doc_id, "repeat": 0, "nfe": nfe, "tokens_per_step": [committed // nfe] * nfe,
             "latency_s": latency, "generated_tokens": generated, "finished_at": finished_at}
 
 

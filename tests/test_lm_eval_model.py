@@ -92,7 +92,7 @@ def lm_eval_cli(*args: str, launcher: list[str] | None = None) -> subprocess.Com
 def read_outputs(directory: Path) -> tuple[dict, list[dict], list[dict]]:
     (results,) = directory.glob("*/results_*.json")
     (samples,) = directory.glob("*/samples_listops_*.jsonl")
-    steps = [json.loads(line) for path in sorted(directory.glob("steps_listops_rank*.jsonl"))
+    steps = [json.loads(line) for path in sorted(directory.glob("steps_rank*.jsonl"))
              for line in path.read_text().splitlines()]
     return json.loads(results.read_text()), [json.loads(line) for line in samples.read_text().splitlines()], steps
 
@@ -119,7 +119,7 @@ def test_stock_lm_eval_cli_single_and_two_processes(tmp_path: Path) -> None:
     assert results2["results"]["listops"] == results["results"]["listops"]
     by_doc = {s["doc_id"]: s["resps"] for s in samples}
     assert {s["doc_id"]: s["resps"] for s in samples2} == by_doc
-    assert len(list((tmp_path / "double").glob("steps_listops_rank*.jsonl"))) == 2  # each rank logs its share
+    assert len(list((tmp_path / "double").glob("steps_rank*.jsonl"))) == 2  # each rank logs its share
     assert sorted(s["doc_id"] for s in steps2) == sorted(by_doc)
 
 

@@ -10,7 +10,7 @@ import torch
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import generate
 from l2pd_harness.decoding.policies import build_policy
-from l2pd_harness.decoding.runner import ModelRunner
+from l2pd_harness.decoding.runner import ModelRunner, StepBatch
 from l2pd_harness.decoding.scheduler import ScheduledRequest
 from l2pd_harness.loading import load_model
 
@@ -97,7 +97,8 @@ def test_classifier_free_guidance_logits(random_checkpoint: Path) -> None:
     prompt, mask_id = [1, 5, 9, 12], model.config.mask_token_id
     tokens = torch.tensor(prompt + [mask_id] * 8)
     row = ScheduledRequest(0, 0, tokens, prompt_length=4, block_start=4, block_step=0, reference=None)
-    guided, _ = ModelRunner(model, cfg, build_policy(cfg))._full_pass([row])
+    batch = StepBatch.of([row], model.config.eos_token_id, torch.device("cpu"))
+    guided, _ = ModelRunner(model, cfg, build_policy(cfg))._full_pass(batch)
     with torch.no_grad():
         cond = model(tokens[None])[0, 4:]
         uncond = model(torch.tensor([mask_id] * 4 + [mask_id] * 8)[None])[0, 4:]

@@ -7,6 +7,8 @@ others one pass over their query slice (``prefix``: block to end; ``dual``: the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -30,6 +32,32 @@ def right_pad(sequences: list[torch.Tensor], pad_id: int) -> torch.Tensor:
     return nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id)
 
 
+@dataclass
+class StepBatch:
+    """The scheduled rows as tensors, built once per step (right-padded ids, so a column is a position)."""
+
+    ids: torch.Tensor  # [B, S]
+    lengths: torch.Tensor  # [B] tokens in each row (prompt + live canvas)
+    block_start: torch.Tensor  # [B] column of each row's block
+    prompt_length: torch.Tensor  # [B]
+    slots: torch.Tensor  # [B]
+
+    @classmethod
+    def of(cls, rows: list[ScheduledRequest], pad_id: int, device: torch.device) -> StepBatch:
+        def column(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, device=device)
+
+        return cls(right_pad([r.token_ids for r in rows], pad_id), column([len(r.token_ids) for r in rows]),
+                   column([r.block_start for r in rows]), column([r.prompt_length for r in rows]),
+                   column([r.slot for r in rows]))
+
+    def select(self, group: list[int]) -> StepBatch:
+        """The rows ``group``, padded only as wide as the longest of them."""
+        lengths = self.lengths[group]
+        return StepBatch(self.ids[group, : int(lengths.max())], lengths, self.block_start[group],
+                         self.prompt_length[group], self.slots[group])
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: DecodeConfig, policy: Policy):
         self.model, self.cfg, self.policy = model, cfg, policy
@@ -43,63 +71,54 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         rows = scheduled.requests
+        batch = StepBatch.of(rows, self.pad_id, self.device)
         uses_cache = [self.cache is not None and r.block_step > 0 for r in rows]
         logits: list[torch.Tensor | None] = [None] * len(rows)  # each [block_length, V]
         computed = [0] * len(rows)
         for cached, forward in ((False, self._full_pass), (True, self._cached_pass)):
             group = [i for i, flag in enumerate(uses_cache) if flag == cached]
             if group:
-                group_logits, group_computed = forward([rows[i] for i in group])
+                group_logits, group_computed = forward(batch.select(group))
                 for i, row_logits, count in zip(group, group_logits, group_computed, strict=True):
                     logits[i], computed[i] = row_logits, count
-        return self._decide(rows, torch.stack(logits), computed)
+        return self._decide(rows, batch, torch.stack(logits), computed)
 
-    def _block_columns(self, rows: list[ScheduledRequest], offset: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, block_length]`` column of each block position, ``offset [B]`` from the row's block start."""
-        start = torch.tensor([r.block_start for r in rows], device=self.device) if offset is None else offset
-        return start[:, None] + torch.arange(self.cfg.block_length, device=self.device)
+    def _block_columns(self, block_start: torch.Tensor) -> torch.Tensor:
+        """``[B, block_length]`` column of each block position given each row's ``block_start [B]``."""
+        return block_start[:, None] + torch.arange(self.cfg.block_length, device=self.device)
 
-    def _full_pass(self, rows: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
+    def _full_pass(self, batch: StepBatch) -> tuple[torch.Tensor, list[int]]:
         """Logits ``[B, block_length, V]`` from a pass over whole sequences (refreshing the cache if there is one)."""
-        ids = right_pad([r.token_ids for r in rows], self.pad_id)  # [B, S]
-        lengths = torch.tensor([len(r.token_ids) for r in rows], device=self.device)  # [B]
+        ids, lengths = batch.ids, batch.lengths  # [B, S], [B]
         attention_mask = (torch.arange(ids.shape[1], device=self.device) < lengths[:, None]).long()  # [B, S]
-        kv_cache = None
-        if self.cache is not None:
-            kv_cache = self.cache.refresh(torch.tensor([r.slot for r in rows], device=self.device), lengths)
-        index = self._block_columns(rows).clamp(max=ids.shape[1] - 1)  # past-the-end columns are not masked
+        kv_cache = None if self.cache is None else self.cache.refresh(batch.slots, lengths)
+        index = self._block_columns(batch.block_start).clamp(max=ids.shape[1] - 1)  # past the end: not masked
         if self.cfg.cfg_scale == 0:
             return self.model(ids, attention_mask, kv_cache=kv_cache, logits_index=index), lengths.tolist()
         # Classifier-free guidance: push the logits away from a pass that cannot see the prompt.
-        prompt_length = torch.tensor([r.prompt_length for r in rows], device=self.device)
-        unconditional = ids.masked_fill(torch.arange(ids.shape[1], device=self.device) < prompt_length[:, None],
-                                        self.mask_id)
-        both = self.model(torch.cat([ids, unconditional]), attention_mask.repeat(2, 1),
+        is_prompt = torch.arange(ids.shape[1], device=self.device) < batch.prompt_length[:, None]
+        both = self.model(torch.cat([ids, ids.masked_fill(is_prompt, self.mask_id)]), attention_mask.repeat(2, 1),
                           logits_index=index.repeat(2, 1))
         cond, uncond = both.chunk(2)
         return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond), lengths.tolist()
 
-    def _cached_pass(self, rows: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
+    def _cached_pass(self, batch: StepBatch) -> tuple[torch.Tensor, list[int]]:
         """Logits ``[B, block_length, V]`` from a pass over each row's query slice against the cache."""
-        lengths = torch.tensor([len(r.token_ids) for r in rows], device=self.device)  # [B]
-        block_start = torch.tensor([r.block_start for r in rows], device=self.device)  # [B]
+        lengths, block_start = batch.lengths, batch.block_start  # [B], [B]
         width = self.cfg.block_length if self.cfg.cache == "dual" else int((lengths - block_start).max())
         positions = block_start[:, None] + torch.arange(width, device=self.device)  # [B, Q]
-        padded = right_pad([r.token_ids for r in rows], self.pad_id)  # [B, S]
-        ids = padded.gather(1, positions.clamp(max=padded.shape[1] - 1))  # [B, Q]
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
-        kv_cache = self.cache.reuse(slots, positions, lengths)
-        index = self._block_columns(rows, torch.zeros_like(block_start)).clamp(max=width - 1)
+        ids = batch.ids.gather(1, positions.clamp(max=batch.ids.shape[1] - 1))  # [B, Q]
+        kv_cache = self.cache.reuse(batch.slots, positions, lengths)
+        index = self._block_columns(torch.zeros_like(block_start)).clamp(max=width - 1)
         computed = (positions < lengths[:, None]).sum(-1)  # [B]
         return self.model(ids, kv_cache=kv_cache, logits_index=index), computed.tolist()
 
-    def _decide(self, rows: list[ScheduledRequest], logits: torch.Tensor, computed: list[int]) -> RunnerOutput:
+    def _decide(self, rows: list[ScheduledRequest], batch: StepBatch, logits: torch.Tensor,
+                computed: list[int]) -> RunnerOutput:
         """Token choice and confidence on each block position, then the policy's commit mask."""
-        columns = self._block_columns(rows)  # [B, L]
-        padded = right_pad([r.token_ids for r in rows], self.pad_id)
-        lengths = torch.tensor([len(r.token_ids) for r in rows], device=self.device)
-        live = columns < lengths[:, None]  # [B, L]
-        block_tokens = padded.gather(1, columns.clamp(max=padded.shape[1] - 1))  # [B, L]
+        columns = self._block_columns(batch.block_start)  # [B, L]
+        live = columns < batch.lengths[:, None]  # [B, L]
+        block_tokens = batch.ids.gather(1, columns.clamp(max=batch.ids.shape[1] - 1))  # [B, L]
         prediction = gumbel_argmax(logits, self.cfg.temperature, self.generator)  # [B, L]
         confidence = logits.double().softmax(-1).gather(-1, prediction[..., None]).squeeze(-1)  # [B, L]
         reference = None

@@ -12,7 +12,6 @@ cache path per configuration.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import math
@@ -26,7 +25,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import simple_parse_args_string
+from lm_eval.utils import hash_string, simple_parse_args_string
 from tqdm import tqdm
 
 from l2pd_harness.decoding.config import DecodeConfig
@@ -36,7 +35,7 @@ from l2pd_harness.evaluation import step_log as step_log_fields
 from l2pd_harness.jsonl import JsonlWriter
 from l2pd_harness.likelihood import monte_carlo_loglikelihood
 from l2pd_harness.loading import load_model
-from l2pd_harness.text import decode_response, stop_token_ids
+from l2pd_harness.text import decode_response, encode_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +93,6 @@ def output_path_from_argv() -> Path | None:
         if arg.startswith("--output_path="):
             return Path(arg.split("=", 1)[1])
     return None
-
-
-def hash_string(text: str) -> str:
-    """lm-eval's ``hash_string`` (sha256 hex), the ``prompt_hash`` of its samples files."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @register_model("l2pd")
@@ -201,10 +195,8 @@ class L2PDLM(LM):
     # ---- requests ----------------------------------------------------------------------------------------------
 
     def encode_context(self, context: str) -> list[int]:
-        if self.chat_template_default and not self.templated_by_lm_eval and self.tokenizer.chat_template:
-            context = self.tokenizer.apply_chat_template([{"role": "user", "content": context}], tokenize=False,
-                                                         add_generation_prompt=True)
-        return self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        """Token ids of a context, as a user turn unless lm-eval's --apply_chat_template already made it one."""
+        return encode_prompt(self.tokenizer, context, self.chat_template_default and not self.templated_by_lm_eval)
 
     def fit(self, prompt: list[int], canvas: int) -> list[int]:
         """Keep the end of a prompt too long for the model's context next to the canvas (as lm-eval's HF model

@@ -22,49 +22,106 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.policies import Learned, Policy, StepState
 from l2pd_harness.evaluation import grade_rows, iter_decoded
+from l2pd_harness.filter.model import LearnedFilter, load_filter
+from l2pd_harness.jsonl import write_atomic
 from l2pd_harness.loading import load_model
 from l2pd_harness.tasks import TASKS, sample_problems
 
 HERE = Path(__file__).resolve().parent
-BASELINE = ("fixed", False, "none")
-POLICY_KNOBS = {"fixed": "1 token/step", "threshold": "0.9", "factor": "1.0", "oracle": "baseline output"}
-TABLE_START, TABLE_END = "<!-- decode-table:start -->", "<!-- decode-table:end -->"
+DEFAULT_KNOB = {"threshold": 0.9, "factor": 1.0}
+"""The knob of each policy that has one (``learned``: the accept threshold, default the filter's own)."""
 
 
-def config_name(policy: str, eotp: bool, cache: str) -> str:
-    return f"{policy}{'+eotp' if eotp else ''}/{cache}"
+@dataclass(frozen=True)
+class Run:
+    """One configuration of the grid."""
+
+    policy: str
+    eotp: bool
+    cache: str
+    knob: float | None = None
+    """threshold, factor, or the learned policy's accept threshold."""
+    filter: str | None = None
+    """learned: the filter's label (``--filters NAME=PATH``)."""
+
+    @property
+    def name(self) -> str:
+        variant = "".join(f"@{part}" for part in (self.filter, self.knob) if part is not None)
+        return f"{self.policy}{variant}{'+eotp' if self.eotp else ''}/{self.cache}"
+
+    def uncached(self) -> Run:
+        return replace(self, cache="none")
+
+    def label(self) -> str:
+        detail = {"fixed": "1 token/step", "oracle": "baseline output",
+                  "learned": f"{self.filter}, accept {self.knob}"}.get(self.policy, str(self.knob))
+        return f"{self.policy} ({detail})"
 
 
-def grid(policies: list[str], caches: list[str]) -> list[tuple[str, bool, str]]:
-    """The baseline first (the oracle's references and every ratio come from it), then cache=none before the
-    cached runs of the same policy (their outputs are compared with it)."""
-    runs = [(p, e, c) for p in policies for e in (False, True) for c in caches]
-    return sorted(runs, key=lambda run: (run != BASELINE, policies.index(run[0]), run[1], caches.index(run[2])))
+BASELINE = Run("fixed", False, "none")
+
+
+def grid(policies: list[str], caches: list[str], eotps: list[bool], knobs: dict[str, list[float]],
+         filters: dict[str, str]) -> list[Run]:
+    """The baseline first (the oracle's references and every ratio come from it), then each variant's
+    cache=none run before its cached runs (their outputs are compared with it)."""
+    variants = []
+    for policy in policies:
+        if policy == "learned":
+            variants += [(policy, knob, name) for name in filters for knob in knobs[name]]
+        else:
+            variants += [(policy, knob, None) for knob in knobs.get(policy, [None])]
+    runs = [Run(policy, eotp, cache, knob, name) for policy, knob, name in variants for eotp in eotps
+            for cache in caches]
+    return sorted(runs, key=lambda run: (run != BASELINE, variants.index((run.policy, run.knob, run.filter)),
+                                         eotps.index(run.eotp), caches.index(run.cache)))
 
 
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".partial")
-    staging.write_text(text)
-    os.replace(staging, path)
+class ForwardTimer:
+    """Wall time spent inside the model's forward passes (hooks), to set the filter's cost against."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.seconds, self._started = 0.0, 0.0
+        model.register_forward_pre_hook(self._start)
+        model.register_forward_hook(self._stop)
+
+    def _start(self, *_) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, *_) -> None:
+        self.seconds += time.perf_counter() - self._started
 
 
-def decode_task(model, tokenizer, task: str, problems: list[dict], cfg: DecodeConfig, rows_path: Path,
-                references: list[list[int]] | None) -> tuple[list[dict], float]:
+class TimedFilter:
+    """A learned filter that adds up the wall time of its calls."""
+
+    def __init__(self, learned: LearnedFilter):
+        self.learned, self.seconds = learned, 0.0
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        started = time.perf_counter()
+        probability = self.learned(state)
+        self.seconds += time.perf_counter() - started
+        return probability
+
+
+def decode_task(model, tokenizer, problems: list[dict], cfg: DecodeConfig, rows_path: Path,
+                references: list[list[int]] | None, policy: Policy | None, desc: str) -> tuple[list[dict], float]:
     """Decode one task's problems; returns the rows (also written to ``rows_path``) and the wall time."""
     start = time.perf_counter()
-    rows = list(iter_decoded(model, tokenizer, problems, cfg, references=references,
-                             desc=f"{config_name(cfg.policy, cfg.eotp, cfg.cache)} {task}"))
+    rows = list(iter_decoded(model, tokenizer, problems, cfg, references=references, desc=desc, policy=policy))
     wall = time.perf_counter() - start
     write_atomic(rows_path, "".join(json.dumps(row) + "\n" for row in rows))
     return rows, wall
@@ -93,47 +150,57 @@ def summarise(rows: list[dict], wall_s: float, same_policy_rows: list[dict] | No
 
 def add_ratios(results: dict) -> None:
     """Speedups and accuracy change of every run against the baseline as it now stands (so a rerun baseline
-    updates every ratio)."""
-    baseline = results["runs"].get(config_name(*BASELINE))
-    if baseline is None:
-        return
+    updates every ratio). Without a measured baseline, the NFE speedup is against its exact count, gen_length
+    passes (one token per step); time and accuracy need the measured run."""
+    baseline = results["runs"].get(BASELINE.name, {"tasks": {}})
     for run in results["runs"].values():
         for task, s in run["tasks"].items():
             base = baseline["tasks"].get(task)
+            s["nfe_speedup"] = (base["mean_nfe"] if base else results["setup"]["gen_length"]) / s["mean_nfe"]
             if base is not None:
-                s["nfe_speedup"] = base["mean_nfe"] / s["mean_nfe"]
                 s["time_speedup"] = base["wall_s"] / s["wall_s"]
                 s["accuracy_delta"] = s["accuracy"] - base["accuracy"]
 
 
 def markdown_table(results: dict) -> str:
     header = ("| task | policy | EoTP | cache | accuracy | mean NFE | tokens/forward | tokens/s | p50 latency (s) "
-              "| p95 latency (s) | NFE speedup | time speedup | same output as cache=none |")
-    lines = [header, "|" + "---|" * 13]
+              "| p95 latency (s) | NFE speedup | time speedup | same output as cache=none | filter / forward time |")
+    lines = [header, "|" + "---|" * 14]
     tasks = sorted({task for run in results["runs"].values() for task in run["tasks"]})
     for task in tasks:
-        for run in (run for run in results["runs"].values() if task in run["tasks"]):
-            s = run["tasks"][task]
+        for record in (r for r in results["runs"].values() if task in r["tasks"]):
+            run, s = run_of(record), record["tasks"][task]
             match = f"{100 * s['matches_cache_none']:.1f}%" if "matches_cache_none" in s else "-"
+            overhead = f"{100 * s['filter_s'] / s['forward_s']:.2f}%" if "filter_s" in s else "-"
+            ratio = {key: f"{s[key]:.2f}x" if key in s else "-" for key in ("nfe_speedup", "time_speedup")}
             lines.append(
-                f"| {task} | {run['policy']} ({POLICY_KNOBS[run['policy']]}) | {'yes' if run['eotp'] else 'no'} "
-                f"| {run['cache']} | {100 * s['accuracy']:.1f}% | {s['mean_nfe']:.1f} | {s['tokens_per_forward']:.2f} "
+                f"| {task} | {run.label()} | {'yes' if run.eotp else 'no'} | {run.cache} "
+                f"| {100 * s['accuracy']:.1f}% | {s['mean_nfe']:.1f} | {s['tokens_per_forward']:.2f} "
                 f"| {s['tokens_per_s']:.1f} | {s['latency_p50_s']:.2f} | {s['latency_p95_s']:.2f} "
-                f"| {s.get('nfe_speedup', 1.0):.2f}x | {s.get('time_speedup', 1.0):.2f}x | {match} |")
+                f"| {ratio['nfe_speedup']} | {ratio['time_speedup']} | {match} | {overhead} |")
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, results: dict) -> None:
+def run_of(record: dict) -> Run:
+    return Run(record["policy"], record["eotp"], record["cache"], record.get("knob"), record.get("filter"))
+
+
+def update_readme(readme: Path, results: dict, table: str) -> None:
+    start, end = f"<!-- {table}:start -->", f"<!-- {table}:end -->"
     text = readme.read_text()
-    if TABLE_START not in text or TABLE_END not in text:
-        raise SystemExit(f"{readme} lacks the {TABLE_START} ... {TABLE_END} markers")
-    head, rest = text.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} lacks the {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     setup = results["setup"]
     caption = (f"\n{setup['n']} held-out test problems per task (seed {setup['data_seed']}), gen_length "
                f"{setup['gen_length']}, block_length {setup['block_length']}, batch size {setup['batch_size']}, "
                f"{setup['dtype']}, greedy; {setup['machine']}, torch {setup['torch']}.\n\n")
-    write_atomic(readme, head + TABLE_START + caption + markdown_table(results) + "\n" + TABLE_END + tail)
+    write_atomic(readme, head + start + caption + markdown_table(results) + "\n" + end + tail)
+
+
+def float_list(text: str) -> list[float]:
+    return [float(value) for value in text.split(",") if value]
 
 
 def parse_args() -> argparse.Namespace:
@@ -147,23 +214,44 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="sequences in flight (32)")
     p.add_argument("--policies", default="fixed,threshold,factor,oracle", help="policies to run")
     p.add_argument("--caches", default="none,prefix,dual", help="caches to run")
+    p.add_argument("--eotp", default="no,yes", help="End-of-Text Prediction settings to run (no,yes)")
+    p.add_argument("--thresholds", type=float_list, default=[0.9], help="threshold values (0.9)")
+    p.add_argument("--factors", type=float_list, default=[1.0], help="factor values (1.0)")
+    p.add_argument("--filters", default="shipped",
+                   help="learned: comma-separated NAME=PATH filter checkpoints; 'shipped' is the tiny model's")
+    p.add_argument("--accept-thresholds", type=float_list, default=[],
+                   help="learned: accept thresholds (default: each filter's own)")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "decode.json", help="results JSON")
     p.add_argument("--rows-dir", type=Path, default=HERE.parent / "runs" / "bench-decode",
                    help="per-sample rows of every run (git-ignored by default)")
     p.add_argument("--readme", default=str(HERE / "README.md"), help="README whose table to rewrite, or 'none'")
+    p.add_argument("--table", default="decode-table", help="name of the README's table markers (decode-table)")
     p.add_argument("--redo", action="append", default=[], metavar="RUN",
                    help="measure this run (e.g. fixed/none) again for --tasks, replacing its figures; repeatable")
     return p.parse_args()
 
 
+def load_filters(spec: str, args: argparse.Namespace) -> dict[str, LearnedFilter]:
+    """``NAME=PATH`` checkpoints (``shipped``: the tiny model's own), checked against the model."""
+    filters = {}
+    for item in filter(None, spec.split(",")):
+        name, _, path = item.partition("=")
+        filters[name] = load_filter(path or None, args.model, args.block_length)
+    return filters
+
+
 def main() -> None:
     args = parse_args()
     tasks, policies, caches = args.tasks.split(","), args.policies.split(","), args.caches.split(",")
+    eotps = [{"no": False, "yes": True}[value] for value in args.eotp.split(",")]
     for task in tasks:
         if task not in TASKS:
             raise SystemExit(f"--tasks: unknown task {task!r} (choose from {sorted(TASKS)})")
     model, tokenizer = load_model(args.model, device=args.device)
+    filters = load_filters(args.filters, args) if "learned" in policies else {}
+    knobs = {"threshold": args.thresholds, "factor": args.factors,
+             **{name: args.accept_thresholds or [f.card.accept_threshold] for name, f in filters.items()}}
     setup = {"n": args.n, "data_seed": args.data_seed, "gen_length": args.gen_length,
              "block_length": args.block_length, "batch_size": args.batch_size, "dtype": "float32",
              "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores "
@@ -173,35 +261,42 @@ def main() -> None:
     if results["setup"] != setup:
         raise SystemExit(f"{args.out} holds results of another setup {results['setup']}; move it away first")
     problems = {task: sample_problems(task, "test", args.n, args.data_seed) for task in tasks}
-    with torch.no_grad():  # warm-up, so the first timed run does not pay for lazy initialisation
-        list(iter_decoded(model, tokenizer, problems[tasks[0]][:2], DecodeConfig(gen_length=args.gen_length,
-                                                                                 block_length=args.block_length)))
+    timer = ForwardTimer(model)
+    with torch.no_grad():  # warm-up (a few passes), so the first timed run does not pay for lazy initialisation
+        list(iter_decoded(model, tokenizer, problems[tasks[0]][:2], DecodeConfig(
+            gen_length=args.gen_length, block_length=args.block_length, policy="threshold", eotp=True)))
     for name in args.redo:
         if name not in results["runs"]:
             raise SystemExit(f"--redo {name!r}: no such run in {args.out} (runs: {sorted(results['runs'])})")
         for task in tasks:
             results["runs"][name]["tasks"].pop(task, None)
-    for policy, eotp, cache in grid(policies, caches):
-        name = config_name(policy, eotp, cache)
-        run = results["runs"].get(name, {"policy": policy, "eotp": eotp, "cache": cache, "tasks": {}})
-        if all(task in run["tasks"] for task in tasks):
+    for run in grid(policies, caches, eotps, knobs, filters):
+        record = results["runs"].get(run.name, {**asdict(run), "tasks": {}})
+        if all(task in record["tasks"] for task in tasks):
             continue
-        cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=policy, eotp=eotp,
-                           cache=cache, batch_size=args.batch_size)
-        for task in [t for t in tasks if t not in run["tasks"]]:
+        cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=run.policy,
+                           eotp=run.eotp, cache=run.cache, batch_size=args.batch_size,
+                           **({run.policy: run.knob} if run.policy in DEFAULT_KNOB else {}))
+        for task in [t for t in tasks if t not in record["tasks"]]:
             rows_dir = args.rows_dir / task
-            baseline_rows = rows_dir / (config_name(*BASELINE).replace("/", "-") + ".jsonl")
-            references = [row["canvas"] for row in read_rows(baseline_rows)] if policy == "oracle" else None
-            rows, wall = decode_task(model, tokenizer, task, problems[task], cfg,
-                                     rows_dir / (name.replace("/", "-") + ".jsonl"), references)
-            uncached = rows_dir / (config_name(policy, eotp, "none").replace("/", "-") + ".jsonl")
-            run["tasks"][task] = summarise(rows, wall, read_rows(uncached) if cache != "none" else None)
-            results["runs"][name] = run
+            baseline_rows = rows_dir / (BASELINE.name.replace("/", "-") + ".jsonl")
+            references = [row["canvas"] for row in read_rows(baseline_rows)] if run.policy == "oracle" else None
+            timed = TimedFilter(filters[run.filter]) if run.policy == "learned" else None
+            policy = None if timed is None else Learned(timed, run.knob)
+            forward_before = timer.seconds
+            rows, wall = decode_task(model, tokenizer, problems[task], cfg, rows_dir / (run.name.replace("/", "-")
+                                     + ".jsonl"), references, policy, desc=f"{run.name} {task}")
+            uncached = rows_dir / (run.uncached().name.replace("/", "-") + ".jsonl")
+            compare = run.cache != "none" and uncached.is_file()  # the same variant without a cache, if measured
+            record["tasks"][task] = summarise(rows, wall, read_rows(uncached) if compare else None)
+            if timed is not None:
+                record["tasks"][task].update(filter_s=timed.seconds, forward_s=timer.seconds - forward_before)
+            results["runs"][run.name] = record
             add_ratios(results)
             write_atomic(args.out, json.dumps(results, indent=2) + "\n")
-        print(json.dumps({name: {t: round(s["accuracy"], 3) for t, s in run["tasks"].items()}}), flush=True)
+        print(json.dumps({run.name: {t: round(s["accuracy"], 3) for t, s in record["tasks"].items()}}), flush=True)
     if args.readme != "none":
-        update_readme(Path(args.readme), results)
+        update_readme(Path(args.readme), results, args.table)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The ``l2pd`` command line: generate, data, grade, evaluate, train-base (registered in :func:`build_parser`)."""
+"""The ``l2pd`` command line: generate, data, grade, evaluate, train-base, collect-traces, train-filter (registered in
+:func:`build_parser`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import contextlib
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,6 +36,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_field_options(p: argparse.ArgumentParser, config_cls: type, names: tuple[str, ...], kind) -> None:
+    """One ``--option`` per dataclass field in ``names``, typed by ``kind``, its help the field's docstring."""
+    defaults, docs = config_cls(), field_docs(config_cls)
+    for name in names:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
+                       help=f"{docs[name]} ({getattr(defaults, name)})")
+
+
 def add_decode_options(p: argparse.ArgumentParser) -> None:
     """Options of the decode engine and the model, shared by ``generate`` and ``evaluate``."""
     from l2pd_harness.decoding.config import CACHES, POLICIES, REMASKING, DecodeConfig
@@ -42,25 +52,31 @@ def add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint directory or hub id in the local HF cache (default: the shipped tiny model)")
     p.add_argument("--policy", default=defaults.policy, choices=POLICIES, help=f"{docs['policy']} (fixed)")
-    for name in ("gen_length", "block_length", "batch_size"):
-        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(defaults, name),
-                       help=f"{docs[name]} ({getattr(defaults, name)})")
+    add_field_options(p, DecodeConfig, ("gen_length", "block_length", "batch_size"), positive_int)
     p.add_argument("--steps", type=positive_int, default=None, help=docs["steps"])
     p.add_argument("--remasking", default=defaults.remasking, choices=REMASKING,
                    help=f"{docs['remasking']} ({defaults.remasking})")
-    for name in ("threshold", "factor", "temperature"):
-        p.add_argument("--" + name, type=float, default=getattr(defaults, name),
-                       help=f"{docs[name]} ({getattr(defaults, name)})")
+    add_field_options(p, DecodeConfig, ("threshold", "factor", "temperature"), float)
     p.add_argument("--eotp", action=argparse.BooleanOptionalAction, default=defaults.eotp,
                    help=f"{docs['eotp']} (off)")
     p.add_argument("--cache", default=defaults.cache, choices=CACHES, help=f"{docs['cache']} ({defaults.cache})")
     p.add_argument("--references", type=Path, default=None,
                    help="policy oracle: an earlier `l2pd generate` output over the same prompts (its 'canvas')")
+    add_filter_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random choices (0)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (cpu)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="feed prompts raw instead of as a user turn of the tokenizer's chat template")
+
+
+def add_filter_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--filter", type=Path, default=None,
+                   help="policy learned: filter checkpoint from `l2pd train-filter` (default: the filter shipped "
+                        "with the tiny model, when decoding that model)")
+    p.add_argument("--accept-threshold", type=float, default=None,
+                   help="policy learned: commit masked positions whose filter probability exceeds this "
+                        "(default: the filter's own, chosen on validation problems)")
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -96,12 +112,27 @@ def decode_config(args: argparse.Namespace):
     from l2pd_harness.decoding.config import DecodeConfig
 
     try:
-        return DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=args.policy,
-                            steps=args.steps, remasking=args.remasking, threshold=args.threshold,
-                            factor=args.factor, eotp=args.eotp, cache=args.cache, temperature=args.temperature,
-                            seed=args.seed, batch_size=args.batch_size)
+        cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=args.policy,
+                           steps=args.steps, remasking=args.remasking, threshold=args.threshold,
+                           factor=args.factor, eotp=args.eotp, cache=args.cache, temperature=args.temperature,
+                           seed=args.seed, batch_size=args.batch_size)
+        return cfg if args.accept_threshold is None else replace(cfg, accept_threshold=args.accept_threshold)
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def decode_policy(args: argparse.Namespace, cfg):
+    """``cfg`` (with a learned filter's default accept threshold filled in) and the policy it names."""
+    from l2pd_harness.decoding.policies import build_policy
+    from l2pd_harness.filter.model import with_filter
+
+    if cfg.policy != "learned":
+        if args.filter is not None or args.accept_threshold is not None:
+            raise UsageError(f"--filter and --accept-threshold are only used by the learned policy (got "
+                             f"{cfg.policy})")
+        return cfg, build_policy(cfg)
+    cfg, learned = with_filter(cfg, args.filter, args.model, args.accept_threshold)
+    return cfg, build_policy(cfg, learned)
 
 
 def read_references(args: argparse.Namespace, count: int) -> list[list[int]] | None:
@@ -123,18 +154,13 @@ def read_references(args: argparse.Namespace, count: int) -> list[list[int]] | N
 def decoded_rows(args: argparse.Namespace, requests: list[dict], desc: str) -> Iterator[dict]:
     """Check the settings, load the model, and return the decoded ``requests`` as an iterator in input order
     (nothing is written before the settings are known to be good)."""
-    from l2pd_harness.decoding.policies import build_policy
     from l2pd_harness.evaluation import iter_decoded
     from l2pd_harness.loading import load_model
 
-    cfg = decode_config(args)
-    try:
-        build_policy(cfg)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    cfg, policy = decode_policy(args, decode_config(args))
     references = read_references(args, len(requests))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    return iter_decoded(model, tokenizer, requests, cfg, args.chat_template, references, desc=desc)
+    return iter_decoded(model, tokenizer, requests, cfg, args.chat_template, references, desc=desc, policy=policy)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -225,13 +251,10 @@ def add_train_base_parser(subparsers: argparse._SubParsersAction) -> None:
     defaults, docs = BaseTrainConfig(), field_docs(BaseTrainConfig)
     p.add_argument("--task", default=",".join(defaults.tasks), help="comma-separated tasks (arith,listops)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
-    for name in ("steps", "warmup", "tokens_per_batch", "min_gen_length", "max_gen_length", "d_model", "n_layers",
-                 "n_heads", "mlp_hidden_size", "max_sequence_length", "checkpoint_every"):
-        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(defaults, name),
-                       help=f"{docs[name]} ({getattr(defaults, name)})")
-    for name in ("lr", "weight_decay", "long_share", "eps"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
-                       help=f"{docs[name]} ({getattr(defaults, name)})")
+    add_field_options(p, BaseTrainConfig, ("steps", "warmup", "tokens_per_batch", "min_gen_length", "max_gen_length",
+                                           "d_model", "n_layers", "n_heads", "mlp_hidden_size",
+                                           "max_sequence_length", "checkpoint_every"), positive_int)
+    add_field_options(p, BaseTrainConfig, ("lr", "weight_decay", "long_share", "eps"), float)
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"{docs['seed']} ({defaults.seed})")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers building batches ahead (0)")
@@ -290,15 +313,149 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(summarise(args.task, rows, decode_config(args)).as_row()))
 
 
+def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:
+    from l2pd_harness.decoding.config import CACHES
+    from l2pd_harness.filter.traces import TRAJECTORIES
+
+    p = subparsers.add_parser(
+        "collect-traces", help="record decode traces (block confidences + oracle labels) for filter training",
+        description="Decode training-split problems with the one-token-per-step reference to get each final "
+                    "output, then record a trajectory: per step, the block's confidences, margins, entropies, "
+                    "masked positions and the label 'current prediction equals the final output'. Writes "
+                    "DIR/steps.safetensors, DIR/problems.jsonl, DIR/meta.json.")
+    p.add_argument("--task", default="arith,listops", help="comma-separated tasks (arith,listops)")
+    p.add_argument("--n", type=positive_int, default=128, help="training-split problems per task (128)")
+    p.add_argument("--data-seed", type=int, default=11, help="problem sampling seed (11)")
+    p.add_argument("--out", type=Path, required=True, help="trace directory")
+    p.add_argument("--trajectory", default="oracle", choices=TRAJECTORIES,
+                   help="whose decode the steps come from: the reference itself, the oracle (commit what already "
+                        "matches), or a trained filter's (learned, needs --filter) (oracle)")
+    p.add_argument("--references", type=Path, action="append", default=None,
+                   help="an earlier reference decode of the same problems (`l2pd generate --steps GEN_LENGTH` "
+                        "output, tasks in --task order; repeat per file), instead of decoding them again")
+    p.add_argument("--cache", default="none", choices=CACHES, help="KV cache of the trajectory decode (none)")
+    p.add_argument("--eotp", action=argparse.BooleanOptionalAction, default=True,
+                   help="End-of-Text Prediction in the trajectory decode (on)")
+    add_filter_options(p)
+    for name, default in (("gen_length", 256), ("block_length", 32), ("batch_size", 32)):
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=default, help=f"({default})")
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped tiny model)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu)")
+    p.set_defaults(func=run_collect_traces)
+
+
+def run_collect_traces(args: argparse.Namespace) -> None:
+    from l2pd_harness.decoding.config import DecodeConfig
+    from l2pd_harness.filter.traces import TraceMeta, collect, save_traces
+    from l2pd_harness.loading import load_model, model_fingerprint, resolve_checkpoint
+    from l2pd_harness.tasks import sample_problems
+
+    tasks = [task_name(t) for t in args.task.split(",")]
+    problems = [row for task in tasks for row in sample_problems(task, "train", args.n, args.data_seed)]
+    policy = {"reference": "fixed", "oracle": "oracle", "learned": "learned"}[args.trajectory]
+    try:
+        cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=policy,
+                           eotp=args.eotp and args.trajectory != "reference",
+                           cache=args.cache, batch_size=args.batch_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.trajectory == "reference" and (args.cache != "none" or args.references):
+        raise UsageError("--trajectory reference records the reference decode itself: no --cache, no --references")
+    cfg, policy_fn = decode_policy(args, cfg)
+    references = None
+    if args.references:
+        references = [row for path in args.references for row in read_jsonl(path, "--references")]
+        if [r.get("prompt") for r in references] != [p["prompt"] for p in problems]:
+            raise UsageError(f"--references {[str(p) for p in args.references]} do not hold the reference decodes "
+                             f"of these {len(problems)} problems (tasks {tasks}, --n {args.n}, --data-seed "
+                             f"{args.data_seed}) in order")
+    model, tokenizer = load_model(args.model, device=args.device)
+    steps, rows = collect(model, tokenizer, problems, cfg, args.trajectory, references, policy_fn)
+    meta = TraceMeta(base_model=model_fingerprint(resolve_checkpoint(args.model)), trajectory=args.trajectory,
+                     tasks=tasks, gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cfg.cache,
+                     eotp=cfg.eotp, data_seed=args.data_seed, problems=len(rows), steps=len(steps["label"]),
+                     filter=None if args.filter is None else str(args.filter),
+                     accept_threshold=cfg.accept_threshold if args.trajectory == "learned" else None,
+                     reference_accuracy={t: round(sum(r["reference_correct"] for r in rows if r["task"] == t)
+                                                  / sum(r["task"] == t for r in rows), 4) for t in tasks})
+    save_traces(args.out, steps, rows, meta)
+    print(json.dumps({"out": str(args.out), "steps": meta.steps, "problems": meta.problems,
+                      "masked_positions": int(steps["masked"].sum()),
+                      "final_share": round(float(steps["label"][steps["masked"]].float().mean()), 4),
+                      "reference_accuracy": meta.reference_accuracy}))
+
+
+def add_train_filter_parser(subparsers: argparse._SubParsersAction) -> None:
+    from l2pd_harness.filter.model import ARCHITECTURES, FEATURES
+    from l2pd_harness.filter.train import FilterTrainConfig
+
+    p = subparsers.add_parser(
+        "train-filter", help="train a Learn2PD filter on decode traces",
+        description="Train the filter (binary cross-entropy on masked positions, validation split by problem, "
+                    "early stopping), choose its default accept threshold by decoding the validation problems, "
+                    "and write FILE.safetensors + FILE.json. Prints precision/recall at that threshold.")
+    p.add_argument("--traces", type=Path, nargs="+", required=True, help="trace directories from collect-traces")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint path (NAME.safetensors; NAME.json beside)")
+    p.add_argument("--architecture", default="block_mlp", choices=ARCHITECTURES,
+                   help="block_mlp: the paper's (block confidences -> a logit per position); position_mlp: a "
+                        "shared MLP on each position's --features (block_mlp)")
+    p.add_argument("--features", default=None,
+                   help=f"comma-separated, from {','.join(FEATURES)} (block_mlp: confidence; position_mlp: all)")
+    p.add_argument("--hidden-size", type=positive_int, default=32, help="hidden width (32)")
+    add_field_options(p, FilterTrainConfig, ("batch_size", "max_epochs", "patience"), positive_int)
+    add_field_options(p, FilterTrainConfig, ("lr", "val_share", "max_accuracy_drop"), float)
+    docs = field_docs(FilterTrainConfig)
+    p.add_argument("--class-weight", action="store_true", help=docs["class_weight"])
+    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--decode-batch-size", type=positive_int, default=32,
+                   help="sequences in flight when decoding validation problems (32)")
+    p.add_argument("--model", default=None, help="base model of the traces (default: the shipped tiny model)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu)")
+    p.set_defaults(func=run_train_filter)
+
+
+def run_train_filter(args: argparse.Namespace) -> None:
+    from l2pd_harness.filter.model import FEATURES, FilterConfig, FilterError
+    from l2pd_harness.filter.traces import load_traces
+    from l2pd_harness.filter.train import FilterTrainConfig, train_filter
+    from l2pd_harness.loading import load_model, model_fingerprint, resolve_checkpoint
+
+    features = args.features.split(",") if args.features else (
+        ["confidence"] if args.architecture == "block_mlp" else list(FEATURES))
+    try:
+        meta = load_traces(args.traces[0])[2]
+        filter_cfg = FilterConfig(args.architecture, tuple(features), meta.block_length, args.hidden_size)
+        train_cfg = FilterTrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
+                                      patience=args.patience, val_share=args.val_share,
+                                      class_weight=args.class_weight, max_accuracy_drop=args.max_accuracy_drop,
+                                      seed=args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    fingerprint = model_fingerprint(resolve_checkpoint(args.model))
+    if meta.base_model != fingerprint:
+        raise FilterError(f"traces {str(args.traces[0])!r} come from base model {meta.base_model}, --model is "
+                          f"{fingerprint}")
+    model, tokenizer = load_model(args.model, device=args.device)
+    learned = train_filter(args.traces, filter_cfg, train_cfg, model, tokenizer, args.decode_batch_size)
+    learned.save(args.out)
+    card = learned.card
+    print(json.dumps({"out": str(args.out), "architecture": filter_cfg.architecture, "features": features,
+                      "accept_threshold": card.accept_threshold,
+                      **{k: card.validation[k] for k in ("precision", "recall")},
+                      **{k: card.training[k] for k in ("epochs", "best_val_loss", "parameters", "wall_time_s")}}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="l2pd", description="l2pd-harness: fast, measured decoding of diffusion LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for add in (add_generate_parser, add_data_parser, add_grade_parser, add_evaluate_parser, add_train_base_parser):
+    for add in (add_generate_parser, add_data_parser, add_grade_parser, add_evaluate_parser, add_train_base_parser,
+                add_collect_traces_parser, add_train_filter_parser):
         add(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from l2pd_harness.filter.model import FilterError
     from l2pd_harness.loading import ModelLoadError
     from l2pd_harness.models.llada import ConfigError
 
@@ -306,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ModelLoadError, ConfigError) as err:
+    except (UsageError, ModelLoadError, ConfigError, FilterError) as err:
         parser.exit(2, f"l2pd {args.command}: error: {err}\n")
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.decoding.engine import Engine
+from l2pd_harness.decoding.engine import Engine, StepObserver
+from l2pd_harness.decoding.policies import Policy
 from l2pd_harness.decoding.scheduler import GenerationResult
 from l2pd_harness.tasks import get_task
 from l2pd_harness.text import decode_response, encode_prompt, response_length, stop_token_ids
@@ -39,17 +40,19 @@ def step_log(result: GenerationResult, prompt_tokens: int, stops: set[int]) -> d
 
 
 def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_template: bool = True,
-                 references: list[list[int]] | None = None, desc: str = "decode") -> Iterator[dict]:
+                 references: list[list[int]] | None = None, desc: str = "decode", policy: Policy | None = None,
+                 on_step: StepObserver | None = None) -> Iterator[dict]:
     """Each row (with a ``prompt``) plus its text and step log (``nfe``, ``tokens_per_step``,
     ``positions_per_step``, ``latency_s``, ``prompt_tokens``, ``generated_tokens``), in input order, each as soon
-    as it and every row before it are finished, so a caller can write results as they come."""
+    as it and every row before it are finished, so a caller can write results as they come. ``policy``
+    overrides ``cfg.policy`` (a learned filter's); ``on_step`` observes every engine step."""
     stops = stop_token_ids(tokenizer, model.config.eos_token_id)
     prompts = [encode_prompt(tokenizer, row["prompt"], chat_template) for row in rows]
-    engine = Engine(model, cfg, eot_ids=stops)
+    engine = Engine(model, cfg, eot_ids=stops, policy=policy)
     done: dict[int, dict] = {}
     next_index = 0
     with tqdm(total=len(rows), desc=desc, unit="prompt") as bar:
-        for index, result in engine.stream(prompts, references):
+        for index, result in engine.stream(prompts, references, on_step):
             done[index] = {**rows[index], "text": decode_response(tokenizer, result.token_ids, stops),
                            **step_log(result, len(prompts[index]), stops), "canvas": result.token_ids}
             bar.update(1)

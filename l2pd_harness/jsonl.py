@@ -32,3 +32,11 @@ class JsonlWriter:
             self.handle.close()
             if exc_type is None:
                 os.replace(self.partial, self.path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a staging file, so ``path`` is either the old or the whole new text."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".partial")
+    staging.write_text(text)
+    os.replace(staging, path)

@@ -32,6 +32,7 @@ from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.decoding.policies import build_policy
 from l2pd_harness.evaluation import step_log as step_log_fields
+from l2pd_harness.filter.model import with_filter
 from l2pd_harness.jsonl import JsonlWriter
 from l2pd_harness.likelihood import monte_carlo_loglikelihood
 from l2pd_harness.loading import load_model
@@ -102,32 +103,39 @@ class L2PDLM(LM):
     pretrained: checkpoint directory or hub id in the local HF cache (default: the shipped tiny model).
     policy, threshold, factor, eotp, cache, gen_length, block_length, steps, temperature: the engine's
     :class:`DecodeConfig` (``gen_length`` is the largest canvas; a request's ``max_gen_toks`` makes it shorter).
-    filter, accept_threshold: the learned policy's filter checkpoint and the probability it must exceed.
+    filter, accept_threshold: the learned policy's filter checkpoint (default: the one shipped with the tiny model)
+    and the probability it must exceed (default: the filter's own).
     mc_num: Monte-Carlo samples per loglikelihood request. chat_template: wrap raw contexts in the tokenizer's
     chat template (lm-eval's ``--apply_chat_template`` does it instead when given). log_dir: step-log directory.
     """
 
     def __init__(self, pretrained: str | None = None, policy: str = "fixed", threshold: float = 0.9,
-                 factor: float = 1.0, filter: str | None = None, accept_threshold: float = 0.5,
+                 factor: float = 1.0, filter: str | None = None, accept_threshold: float | None = None,
                  eotp: bool = False, cache: str = "none", gen_length: int = 256, block_length: int = 32,
                  steps: int | None = None, temperature: float = 0.0, cfg_scale: float = 0.0, mc_num: int = 64,
                  batch_size: int | str = 16, max_batch_size: int | None = None, dtype: str = "float32",
                  device: str | None = None, log_dir: str | None = None, chat_template: bool = True,
                  seed: int = 0) -> None:
         super().__init__()
-        if filter is not None and not Path(filter).exists():
-            raise ValueError(f"model_args filter={filter!r} does not exist")
         if str(batch_size).startswith("auto"):
             raise ValueError(f"model_args batch_size={batch_size!r}: automatic batch sizes are not supported; "
                              "give a number of sequences in flight")
         self.cfg = DecodeConfig(
             gen_length=as_int("gen_length", gen_length), block_length=as_int("block_length", block_length),
             policy=policy, steps=as_int("steps", steps), threshold=as_float("threshold", threshold),
-            factor=as_float("factor", factor), accept_threshold=as_float("accept_threshold", accept_threshold),
+            factor=as_float("factor", factor),
             eotp=as_bool("eotp", eotp), cache=cache,
             temperature=as_float("temperature", temperature), cfg_scale=as_float("cfg_scale", cfg_scale),
             seed=as_int("seed", seed), batch_size=as_int("batch_size", batch_size))
-        self.policy = build_policy(self.cfg, learned_filter=load_filter(filter))
+        if policy == "learned":  # the filter's default accept threshold unless one is given
+            given = None if accept_threshold is None else as_float("accept_threshold", accept_threshold)
+            self.cfg, learned = with_filter(self.cfg, filter, pretrained, given)
+            self.policy = build_policy(self.cfg, learned)
+        elif filter is not None or accept_threshold is not None:
+            raise ValueError(f"model_args filter/accept_threshold are only used by policy=learned (got policy="
+                             f"{policy!r})")
+        else:
+            self.policy = build_policy(self.cfg)
         self.mc_num, self.chat_template_default = as_int("mc_num", mc_num), as_bool("chat_template", chat_template)
         self.templated_by_lm_eval = False
         self.accelerator = None
@@ -248,14 +256,6 @@ class L2PDLM(LM):
             "loglikelihood_rolling (perplexity tasks such as wikitext) is not supported by l2pd: a masked diffusion "
             "model gives no left-to-right token probabilities to chain, only a Monte-Carlo bound on a whole "
             "continuation given a context; use generate_until or loglikelihood tasks")
-
-
-def load_filter(path: str | None):
-    """The learned policy's filter, read from its checkpoint."""
-    if path is None:
-        return None
-    raise ValueError(f"model_args filter={path!r}: this version cannot read Learn2PD filter checkpoints yet "
-                     "(filter training and its checkpoint format are not part of it)")
 
 
 def cut_at_until(text: str, until: list[str] | str | None) -> str:

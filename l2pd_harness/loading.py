@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -51,6 +52,20 @@ def resolve_checkpoint(pretrained: str | os.PathLike | None) -> Path:
             f"hub model {str(pretrained)!r} is not in the local Hugging Face cache and this program never "
             f"downloads; on a networked machine run `hf download {pretrained}` (or pass a local directory)"
         ) from None
+
+
+def model_fingerprint(ckpt: Path) -> str:
+    """A short identity of the checkpoint in ``ckpt``: SHA-256 over its config and, per weight file, its size and
+    first and last MiB (cheap on a 16 GB checkpoint; two different trainings of one architecture differ there)."""
+    digest = hashlib.sha256((ckpt / "config.json").read_bytes())
+    for file in _tensor_files(ckpt):
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -56,7 +56,10 @@ def test_single_prompt_prints_json(random_checkpoint: Path) -> None:
     (["--policy", "threshold", "--threshold", "1.5"], "threshold=1.5 must be in (0, 1]"),
     (["--cache", "ring"], "argument --cache: invalid choice: 'ring' (choose from 'none', 'prefix', 'dual')"),
     (["--policy", "oracle"], "--policy oracle needs --references FILE"),
-    (["--policy", "learned"], "policy 'learned' needs a trained filter"),
+    (["--policy", "learned"], "needs a filter trained for it (`l2pd collect-traces` then `l2pd train-filter`)"),
+    (["--policy", "learned", "--filter", "/nope"], "filter checkpoint '/nope': '/nope.safetensors' does not exist"),
+    (["--filter", "/nope"], "--filter and --accept-threshold are only used by the learned policy (got fixed)"),
+    (["--policy", "learned", "--accept-threshold", "1.5"], "accept_threshold=1.5 must be in (0, 1)"),
     (["--policy", "factor", "--factor", "0"], "factor=0.0 must be > 0"),
 ])
 def test_bad_values_give_one_line_and_exit_2(random_checkpoint: Path, args: list[str], expected: str) -> None:

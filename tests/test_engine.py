@@ -31,7 +31,7 @@ def fake_output(scheduler: Scheduler, commits: dict[int, dict[int, int]], block_
     for row, request_id in enumerate(ids):
         for offset, token in commits.get(request_id, {}).items():
             commit_mask[row, offset], prediction[row, offset] = True, token
-    return RunnerOutput(ids, commit_mask, prediction, [1] * len(ids))
+    return RunnerOutput(ids, commit_mask, prediction, [1] * len(ids), state=None)
 
 
 def make_scheduler(eotp: bool, batch_size: int = 2, requests: int = 1) -> Scheduler:

@@ -44,7 +44,9 @@ def test_lm_eval_types_are_coerced() -> None:
 @pytest.mark.parametrize("arg_string, message", [
     ("policy=foo", r"policy='foo' is not one of \['fixed', 'threshold', 'factor', 'oracle', 'learned'\]"),
     ("threshold=abc", "model_args threshold='abc' is not a number"),
-    ("filter=/missing", "model_args filter='/missing' does not exist"),
+    ("policy=learned,filter=/missing", "filter checkpoint '/missing': '/missing.safetensors' does not exist"),
+    ("policy=learned", "policy 'learned' on .* needs a filter trained for it"),
+    ("filter=/missing", "filter/accept_threshold are only used by policy=learned"),
     ("cache=ring", r"cache='ring' is not one of \['none', 'prefix', 'dual'\]"),
     ("colour=red", r"unknown model_args \['colour'\] for l2pd; known: \['pretrained', 'policy'"),
     ("batch_size=auto", "automatic batch sizes are not supported"),
@@ -52,6 +54,15 @@ def test_lm_eval_types_are_coerced() -> None:
 def test_bad_model_args_name_the_value(random_checkpoint: Path, arg_string: str, message: str) -> None:
     with pytest.raises(ModelArgsError, match=message):
         L2PDLM.create_from_arg_string(f"pretrained={random_checkpoint},{arg_string}")
+
+
+def test_learned_policy_defaults_to_the_shipped_filter() -> None:
+    from l2pd_harness.filter.model import load_filter
+
+    shipped = load_filter(None, None, 32)
+    lm = L2PDLM.create_from_arg_string("policy=learned,eotp=true,gen_length=64")
+    assert lm.cfg.accept_threshold == shipped.card.accept_threshold
+    assert L2PDLM.create_from_arg_string("policy=learned,accept_threshold=0.42").cfg.accept_threshold == 0.42
 
 
 def test_generate_until_matches_the_engine_and_applies_until(lm: L2PDLM) -> None:

@@ -27,6 +27,8 @@ def synthetic_state(batch: int, length: int = 16, seed: int = 0, masked_share: f
     if batch > 1:
         masked[1, :] = False  # a finished row: nothing to commit
     return StepState(confidence=torch.rand(batch, length, generator=gen, dtype=torch.float64),
+                     margin=torch.rand(batch, length, generator=gen, dtype=torch.float64),
+                     entropy=torch.rand(batch, length, generator=gen, dtype=torch.float64),
                      prediction=torch.randint(0, 50, (batch, length), generator=gen), masked=masked,
                      block_step=torch.randint(0, 4, (batch,), generator=gen),
                      noise=torch.rand(batch, length, generator=gen, dtype=torch.float64),
@@ -35,13 +37,13 @@ def synthetic_state(batch: int, length: int = 16, seed: int = 0, masked_share: f
 
 def hand_state(confidence: list[float], masked: list[bool], **extra) -> StepState:
     conf = torch.tensor([confidence], dtype=torch.float64)
-    return StepState(confidence=conf, prediction=torch.arange(len(confidence))[None],
+    return StepState(confidence=conf, margin=conf, entropy=1 - conf, prediction=torch.arange(len(confidence))[None],
                      masked=torch.tensor([masked]), block_step=torch.zeros(1, dtype=torch.long),
                      noise=torch.zeros_like(conf), **extra)
 
 
 POLICIES = [FixedQuota(4), FixedQuota(4, "random"), Threshold(0.9), Threshold(0.5), Factor(1.0), Factor(0.3),
-            Oracle(), Learned(lambda c: c.sqrt())]
+            Oracle(), Learned(lambda state: state.confidence.sqrt())]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -75,8 +77,9 @@ def test_fixed_quota_follows_the_linear_schedule() -> None:
         masked = torch.arange(32)[None] < masked_count
         counts = []
         for step in range(steps):
-            state = StepState(conf, torch.zeros(1, 32, dtype=torch.long), masked, torch.tensor([step]),
-                              torch.zeros_like(conf))
+            state = StepState(confidence=conf, margin=conf, entropy=conf,
+                              prediction=torch.zeros(1, 32, dtype=torch.long), masked=masked,
+                              block_step=torch.tensor([step]), noise=torch.zeros_like(conf))
             commit = policy(state)
             left_out = conf[masked & ~commit]
             if len(left_out):
@@ -134,7 +137,7 @@ def test_oracle_commits_exactly_the_matches() -> None:
 
 def test_learned_slot_commits_what_the_filter_accepts() -> None:
     state = hand_state([0.2, 0.8, 0.6, 0.9], [True, True, True, True])
-    flip = Learned(lambda conf: 1 - conf)  # a filter that trusts low confidence, to show it decides
+    flip = Learned(lambda s: 1 - s.confidence)  # a filter that trusts low confidence, to show it decides
     assert flip(state).tolist() == [[True, False, False, False]]
 
 
@@ -143,8 +146,11 @@ def test_build_policy_from_config() -> None:
     assert build_policy(DecodeConfig(policy="threshold", threshold=0.7)) == Threshold(0.7)
     assert build_policy(DecodeConfig(policy="factor", factor=2.0)) == Factor(2.0)
     assert isinstance(build_policy(DecodeConfig(policy="oracle")), Oracle)
-    learned = build_policy(DecodeConfig(policy="learned", accept_threshold=0.8), learned_filter=torch.sigmoid)
-    assert learned == Learned(torch.sigmoid, 0.8)
+    def trust_margin(state: StepState) -> torch.Tensor:
+        return state.margin
+
+    learned = build_policy(DecodeConfig(policy="learned", accept_threshold=0.8), learned_filter=trust_margin)
+    assert learned == Learned(trust_margin, 0.8)
     with pytest.raises(ValueError, match="policy 'learned' needs a trained filter"):
         build_policy(DecodeConfig(policy="learned"))
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -14,8 +14,10 @@ from torch import nn
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import Policy, build_policy
 from l2pd_harness.decoding.runner import ModelRunner
-from l2pd_harness.decoding.scheduler import GenerationResult, Scheduler
+from l2pd_harness.decoding.scheduler import GenerationResult, RunnerOutput, Scheduler, SchedulerOutput
 from l2pd_harness.models.llada import LLaDAModel
+
+StepObserver = Callable[[SchedulerOutput, RunnerOutput], None]
 
 
 class Engine:
@@ -33,10 +35,11 @@ class Engine:
         self.eot_ids = {model.config.eos_token_id} if eot_ids is None else set(eot_ids)
         self.policy = build_policy(cfg) if policy is None else policy
 
-    def stream(self, prompts: list[list[int]], references: list[list[int]] | None = None
-               ) -> Iterator[tuple[int, GenerationResult]]:
+    def stream(self, prompts: list[list[int]], references: list[list[int]] | None = None,
+               on_step: StepObserver | None = None) -> Iterator[tuple[int, GenerationResult]]:
         """Yield ``(prompt index, result)`` as sequences finish; ``references`` (the oracle's targets) are
-        canvases of a previous decode, one per prompt."""
+        canvases of a previous decode, one per prompt; ``on_step`` sees every step's schedule and runner output
+        (trace collection) before it is committed."""
         if self.cfg.policy == "oracle" and references is None:
             raise ValueError("policy 'oracle' needs references: one reference output per prompt")
         device = next(self.model.parameters()).device
@@ -44,7 +47,10 @@ class Engine:
                               self.eot_ids, prompts, references, device)
         runner = ModelRunner(self.model, self.cfg, self.policy)
         while scheduler.has_unfinished():
-            output = runner.execute(scheduler.schedule())
+            scheduled = scheduler.schedule()
+            output = runner.execute(scheduled)
+            if on_step is not None:
+                on_step(scheduled, output)
             for request in scheduler.update_from_output(output):
                 yield request.request_id, request.result()
 

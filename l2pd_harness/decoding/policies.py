@@ -21,6 +21,10 @@ class StepState:
 
     confidence: torch.Tensor
     """``[B, L]`` float: probability of the predicted token at each block position."""
+    margin: torch.Tensor
+    """``[B, L]`` float: top-1 minus top-2 probability at each block position."""
+    entropy: torch.Tensor
+    """``[B, L]`` float: entropy (nats) of each block position's predicted distribution."""
     prediction: torch.Tensor
     """``[B, L]`` long: the token each block position would get now."""
     masked: torch.Tensor
@@ -109,17 +113,17 @@ class Oracle:
 
 @dataclass(frozen=True)
 class Learned:
-    """Learn2PD's slot: ``filter(confidence [B, L]) -> [B, L]`` probability that a position's prediction is
-    final; positions above ``cutoff`` are committed (at least one)."""
+    """Learn2PD: ``filter(state) -> [B, L]`` probability that each position's prediction is already final;
+    the masked positions above ``accept_threshold`` are committed (at least one, the most confident)."""
 
-    filter: Callable[[torch.Tensor], torch.Tensor]
-    cutoff: float = 0.5
+    filter: Callable[[StepState], torch.Tensor]
+    accept_threshold: float = 0.5
 
     def __call__(self, state: StepState) -> torch.Tensor:
-        return at_least_one(self.filter(state.confidence) > self.cutoff, state)
+        return at_least_one(self.filter(state) > self.accept_threshold, state)
 
 
-def build_policy(cfg: DecodeConfig, learned_filter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Policy:
+def build_policy(cfg: DecodeConfig, learned_filter: Callable[[StepState], torch.Tensor] | None = None) -> Policy:
     """The policy ``cfg.policy`` names, with its knobs from ``cfg``."""
     if cfg.policy == "fixed":
         return FixedQuota(cfg.steps_per_block, cfg.remasking)
@@ -130,5 +134,5 @@ def build_policy(cfg: DecodeConfig, learned_filter: Callable[[torch.Tensor], tor
     if cfg.policy == "oracle":
         return Oracle()
     if learned_filter is None:
-        raise ValueError("policy 'learned' needs a trained filter (learned_filter=...)")
+        raise ValueError("policy 'learned' needs a trained filter (`l2pd train-filter`; filter=PATH)")
     return Learned(learned_filter, cfg.accept_threshold)

@@ -120,14 +120,18 @@ class ModelRunner:
         live = columns < batch.lengths[:, None]  # [B, L]
         block_tokens = batch.ids.gather(1, columns.clamp(max=batch.ids.shape[1] - 1))  # [B, L]
         prediction = gumbel_argmax(logits, self.cfg.temperature, self.generator)  # [B, L]
-        confidence = logits.double().softmax(-1).gather(-1, prediction[..., None]).squeeze(-1)  # [B, L]
+        probs = logits.double().softmax(-1)  # [B, L, V]
+        confidence = probs.gather(-1, prediction[..., None]).squeeze(-1)  # [B, L]
+        top2 = probs.topk(2, dim=-1).values  # [B, L, 2]
+        entropy = -(probs * probs.clamp(min=1e-300).log()).sum(-1)  # [B, L]
         reference = None
         if rows[0].reference is not None:
             reference = torch.stack([r.reference for r in rows])
-        state = StepState(confidence=confidence, prediction=prediction, masked=live & (block_tokens == self.mask_id),
+        state = StepState(confidence=confidence, margin=top2[..., 0] - top2[..., 1], entropy=entropy,
+                          prediction=prediction, masked=live & (block_tokens == self.mask_id),
                           block_step=torch.tensor([r.block_step for r in rows], device=self.device),
                           noise=torch.rand(confidence.shape, dtype=torch.float64, device=self.device,
                                            generator=self.generator),
                           reference=reference)
         commit_mask = self.policy(state)
-        return RunnerOutput([r.request_id for r in rows], commit_mask, prediction, computed)
+        return RunnerOutput([r.request_id for r in rows], commit_mask, prediction, computed, state)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.policies import StepState
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class RunnerOutput:
     prediction: torch.Tensor
     """``[B, block_length]`` long."""
     positions_computed: list[int]
+    state: StepState
+    """What the policy saw (read by trace collection)."""
 
 
 @dataclass

@@ -1,0 +1,199 @@
+"""The Learn2PD filter: a tiny MLP that predicts, per block position, whether its current prediction is final.
+
+Two architectures share one feature function (used alike on traces and in the decode loop, so training and
+serving see the same numbers):
+
+- ``block_mlp``: the paper's filter: the block's ``block_length`` confidences -> ReLU MLP -> one logit per position.
+- ``position_mlp``: a shared MLP over each position's own features (confidence, top-1/top-2 margin, entropy,
+  relative position, share of the block already committed) -> one logit.
+
+Positions that are not masked (committed, or past an End-of-Text cut) read as settled: confidence and margin 1,
+entropy 0, so the filter's input does not depend on what the model would say about a token it can no longer change.
+
+A checkpoint is ``NAME.safetensors`` (the weights) plus ``NAME.json`` (:class:`FilterCard`: architecture,
+features, block length, base model, cache mode, training data, validation metrics, default accept threshold).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.policies import StepState
+from l2pd_harness.jsonl import write_atomic
+from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint, resolve_checkpoint
+
+FEATURES = ("confidence", "margin", "entropy", "position", "committed_share")
+ARCHITECTURES = ("block_mlp", "position_mlp")
+FORMAT = "l2pd-filter/1"
+DEFAULT_FILTER = DEFAULT_MODEL_DIR / "learn2pd-filter.safetensors"
+"""The filter trained for the shipped tiny model: what ``policy=learned`` uses on it when no filter is given."""
+
+
+class FilterError(ValueError):
+    """A filter checkpoint that cannot be used here (missing, malformed, or made for another setting)."""
+
+
+@dataclass
+class FilterConfig:
+    """Shape of a filter network; checked on construction."""
+
+    architecture: str = "block_mlp"
+    """``block_mlp`` (the paper's: block confidences in, one logit per position out) or ``position_mlp``."""
+    features: tuple[str, ...] = ("confidence",)
+    """Per-position inputs, from :data:`FEATURES`; ``block_mlp`` reads confidence only."""
+    block_length: int = 32
+    """Positions per block; the filter only serves decodes with this block length."""
+    hidden_size: int = 32
+    """Width of the hidden layer."""
+
+    def __post_init__(self) -> None:
+        self.features = tuple(self.features)
+        if self.architecture not in ARCHITECTURES:
+            raise FilterError(f"architecture={self.architecture!r} is not one of {list(ARCHITECTURES)}")
+        unknown = [name for name in self.features if name not in FEATURES]
+        if unknown or not self.features:
+            raise FilterError(f"features={list(self.features)} must be a non-empty subset of {list(FEATURES)}")
+        if self.architecture == "block_mlp" and self.features != ("confidence",):
+            raise FilterError(f"architecture 'block_mlp' reads the block's confidences only, got features="
+                              f"{list(self.features)}")
+        for name in ("block_length", "hidden_size"):
+            if getattr(self, name) <= 0:
+                raise FilterError(f"{name}={getattr(self, name)} must be a positive integer")
+
+
+def block_features(names: tuple[str, ...], confidence: torch.Tensor, margin: torch.Tensor, entropy: torch.Tensor,
+                   masked: torch.Tensor) -> torch.Tensor:
+    """``[B, L, F]`` float32 filter inputs from the block's ``[B, L]`` statistics (settled positions read as
+    certain)."""
+    settled = ~masked  # [B, L]
+    length = masked.shape[-1]
+    columns = {
+        "confidence": lambda: confidence.masked_fill(settled, 1.0),
+        "margin": lambda: margin.masked_fill(settled, 1.0),
+        "entropy": lambda: entropy.masked_fill(settled, 0.0),
+        "position": lambda: (torch.arange(length, device=masked.device) / length).expand(masked.shape),
+        "committed_share": lambda: settled.double().mean(-1, keepdim=True).expand(masked.shape),
+    }
+    return torch.stack([columns[name]().float() for name in names], dim=-1)
+
+
+class FilterNet(nn.Module):
+    """``[B, L, F]`` features -> ``[B, L]`` logits that the position's prediction is final."""
+
+    def __init__(self, cfg: FilterConfig):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.block_length if cfg.architecture == "block_mlp" else len(cfg.features)
+        out = cfg.block_length if cfg.architecture == "block_mlp" else 1
+        self.mlp = nn.Sequential(nn.Linear(width, cfg.hidden_size), nn.ReLU(), nn.Linear(cfg.hidden_size, out))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.cfg.architecture == "block_mlp":
+            return self.mlp(features[..., 0])  # the block's confidences [B, L] -> [B, L]
+        return self.mlp(features).squeeze(-1)  # each position on its own: [B, L, F] -> [B, L]
+
+
+@dataclass
+class FilterCard:
+    """The JSON half of a filter checkpoint."""
+
+    config: FilterConfig
+    base_model: str
+    """Fingerprint of the model whose decodes the filter was trained on (:func:`model_fingerprint`)."""
+    accept_threshold: float
+    """Default probability a position must exceed to be committed (chosen on validation problems)."""
+    cache: str = "none"
+    """KV cache mode of the traces it was trained on."""
+    training: dict = field(default_factory=dict)
+    """Trace directories, trajectories, tasks, sizes, seed, epochs, wall time."""
+    validation: dict = field(default_factory=dict)
+    """Validation loss, precision and recall at the accept threshold, the threshold search."""
+    format: str = FORMAT
+
+
+class LearnedFilter:
+    """A trained filter as the ``learned`` policy calls it: ``StepState -> [B, L]`` probabilities."""
+
+    def __init__(self, net: FilterNet, card: FilterCard):
+        self.net, self.card = net.eval(), card
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        features = block_features(self.card.config.features, state.confidence, state.margin, state.entropy,
+                                  state.masked)  # [B, L, F]
+        with torch.no_grad():
+            return torch.sigmoid(self.net.to(features.device)(features))  # the net follows the model's device
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (``.safetensors``) and the card beside it (``.json``)."""
+        weights, card = checkpoint_paths(path)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        staging = weights.with_name(weights.name + ".partial")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}, str(staging),
+                  metadata={"format": FORMAT})
+        staging.replace(weights)
+        write_atomic(card, json.dumps(asdict(self.card), indent=2) + "\n")
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(weights, card)`` of a checkpoint named by either file or by the shared stem."""
+    stem = Path(path)
+    if stem.suffix in (".safetensors", ".json"):
+        stem = stem.with_suffix("")
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def read_filter(path: str | Path) -> LearnedFilter:
+    """Load a checkpoint written by :meth:`LearnedFilter.save` (no compatibility checks: see ``load_filter``)."""
+    weights, card_path = checkpoint_paths(path)
+    for part in (weights, card_path):
+        if not part.is_file():
+            raise FilterError(f"filter checkpoint {str(path)!r}: {str(part)!r} does not exist (a checkpoint is "
+                              "NAME.safetensors + NAME.json, written by `l2pd train-filter`)")
+    raw = json.loads(card_path.read_text())
+    if raw.get("format") != FORMAT:
+        raise FilterError(f"{str(card_path)!r} has format {raw.get('format')!r}, expected {FORMAT!r}")
+    card = FilterCard(**{**raw, "config": FilterConfig(**raw["config"])})
+    net = FilterNet(card.config)
+    net.load_state_dict(load_file(str(weights)))
+    return LearnedFilter(net, card)
+
+
+def check_compatible(card: FilterCard, path: str | Path, base_model: str, block_length: int) -> None:
+    """Refuse a filter made for another base model or block length (a filter trained without a KV cache may
+    run with one: the benchmark measures what that costs)."""
+    if card.base_model != base_model:
+        raise FilterError(f"filter {str(path)!r} was trained on base model {card.base_model}, not on the loaded "
+                          f"model ({base_model}); collect traces and train a filter for this model")
+    if card.config.block_length != block_length:
+        raise FilterError(f"filter {str(path)!r} was trained for block_length={card.config.block_length}, the "
+                          f"decode uses block_length={block_length}")
+
+
+def load_filter(path: str | Path | None, pretrained: str | Path | None, block_length: int) -> LearnedFilter:
+    """The filter at ``path`` (default: the one shipped with the tiny model, when ``pretrained`` is that model),
+    checked against the base model and block length it will serve."""
+    ckpt = resolve_checkpoint(pretrained)
+    if path is None:
+        if ckpt.resolve() != DEFAULT_MODEL_DIR.resolve():
+            raise FilterError(f"policy 'learned' on {str(pretrained)!r} needs a filter trained for it "
+                              "(`l2pd collect-traces` then `l2pd train-filter`); only the shipped tiny model "
+                              "comes with one")
+        path = DEFAULT_FILTER
+    learned = read_filter(path)
+    check_compatible(learned.card, path, model_fingerprint(ckpt), block_length)
+    return learned
+
+
+def with_filter(cfg: DecodeConfig, path: str | Path | None, pretrained: str | Path | None,
+                accept_threshold: float | None) -> tuple[DecodeConfig, LearnedFilter]:
+    """``cfg`` with the filter's default accept threshold unless ``accept_threshold`` is given, and the filter."""
+    learned = load_filter(path, pretrained, cfg.block_length)
+    threshold = learned.card.accept_threshold if accept_threshold is None else accept_threshold
+    return replace(cfg, accept_threshold=threshold), learned

@@ -1,0 +1,134 @@
+"""Decode traces for filter training: per step, the current block's statistics and the oracle label.
+
+``collect`` decodes training-split problems with the slow reference (``fixed``, one token per step, no cache, no
+EoTP) to learn each problem's final output, then records a trajectory: every engine step's block confidences,
+margins, entropies, which positions are still masked, and the label "current prediction equals the reference's
+final token". The trajectory is the reference decode itself, the ``oracle`` decode (commit what already matches),
+or a trained filter's own decode (``learned``), under any KV cache mode.
+
+A trace directory holds ``steps.safetensors`` (one row per step and sequence, ``[N, block_length]`` tensors),
+``problems.jsonl`` (the problems with the reference's text, canvas and correctness) and ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.policies import Policy
+from l2pd_harness.decoding.scheduler import RunnerOutput, SchedulerOutput
+from l2pd_harness.evaluation import grade_rows, iter_decoded
+from l2pd_harness.jsonl import write_atomic
+
+TRAJECTORIES = ("reference", "oracle", "learned")
+
+
+@dataclass
+class TraceMeta:
+    """``meta.json`` of a trace directory."""
+
+    base_model: str
+    """Fingerprint of the decoding model (``loading.model_fingerprint``)."""
+    trajectory: str
+    tasks: list[str]
+    gen_length: int
+    block_length: int
+    cache: str
+    eotp: bool
+    data_seed: int
+    problems: int
+    steps: int
+    filter: str | None = None
+    """``learned`` trajectory: the filter that chose the commits, and its accept threshold."""
+    accept_threshold: float | None = None
+    reference_accuracy: dict = field(default_factory=dict)
+    """Per task: accuracy of the reference decode on these problems."""
+
+
+class StepRecorder:
+    """An engine step observer that keeps each step's block statistics (labels are added once the reference
+    outputs are known)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, scheduled: SchedulerOutput, output: RunnerOutput) -> None:
+        state, rows = output.state, scheduled.requests
+        block_offset = [r.block_start - r.prompt_length for r in rows]
+        self.chunks.append({
+            "confidence": state.confidence.float().cpu(), "margin": state.margin.float().cpu(),
+            "entropy": state.entropy.float().cpu(), "masked": state.masked.cpu(),
+            "prediction": state.prediction.cpu(), "problem": torch.tensor(output.request_ids),
+            "offset": torch.tensor(block_offset), "block_step": state.block_step.cpu()})
+
+    def steps(self, references: torch.Tensor, block_length: int) -> dict[str, torch.Tensor]:
+        """Every recorded step as ``[N, ...]`` tensors, labelled against ``references [problems, gen_length]``."""
+        merged = {key: torch.cat([chunk[key] for chunk in self.chunks]) for key in self.chunks[0]}
+        columns = merged["offset"][:, None] + torch.arange(block_length)  # [N, L]
+        target = references[merged["problem"][:, None], columns]  # [N, L]
+        return {"confidence": merged["confidence"], "margin": merged["margin"], "entropy": merged["entropy"],
+                "masked": merged["masked"], "label": merged.pop("prediction") == target,
+                "problem": merged["problem"], "block": merged["offset"] // block_length,
+                "block_step": merged["block_step"]}
+
+
+def is_validation(question: str, share: float) -> bool:
+    """Problem-level split, stable across trace directories: a hash of the question text."""
+    bucket = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < share
+
+
+def reference_config(gen_length: int, block_length: int, batch_size: int) -> DecodeConfig:
+    """The slow reference whose final outputs are the labels: one token per step, no cache, no EoTP."""
+    return DecodeConfig(gen_length=gen_length, block_length=block_length, batch_size=batch_size)
+
+
+def collect(model, tokenizer, problems: list[dict], trajectory_cfg: DecodeConfig, trajectory: str,
+            reference_rows: list[dict] | None = None, policy: Policy | None = None
+            ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Record ``trajectory`` on ``problems``; returns the step tensors and the problems with their reference
+    decode (``reference_rows``, when given, is an earlier reference decode of the same problems)."""
+    if trajectory not in TRAJECTORIES:
+        raise ValueError(f"trajectory={trajectory!r} is not one of {list(TRAJECTORIES)}")
+    recorder = StepRecorder()
+    if reference_rows is None:
+        ref_cfg = reference_config(trajectory_cfg.gen_length, trajectory_cfg.block_length, trajectory_cfg.batch_size)
+        reference_rows = list(iter_decoded(model, tokenizer, problems, ref_cfg, desc="reference decode",
+                                           on_step=recorder if trajectory == "reference" else None))
+    elif trajectory == "reference":
+        raise ValueError("trajectory 'reference' records the reference decode itself; do not pass its rows")
+    canvases = [row["canvas"] for row in reference_rows]
+    if trajectory != "reference":
+        list(iter_decoded(model, tokenizer, problems, trajectory_cfg, references=canvases, policy=policy,
+                          desc=f"{trajectory} trajectory", on_step=recorder))
+    steps = recorder.steps(torch.tensor(canvases), trajectory_cfg.block_length)
+    correct = grade_rows(reference_rows)
+    problems_out = [{**problem, "reference_text": row["text"], "reference_canvas": row["canvas"],
+                     "reference_correct": ok} for problem, row, ok in zip(problems, reference_rows, correct,
+                                                                           strict=True)]
+    return steps, problems_out
+
+
+def save_traces(out_dir: Path, steps: dict[str, torch.Tensor], problems: list[dict], meta: TraceMeta) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / "steps.safetensors.partial"
+    save_file({key: value.contiguous() for key, value in steps.items()}, str(staging))
+    staging.replace(out_dir / "steps.safetensors")
+    write_atomic(out_dir / "problems.jsonl", "".join(json.dumps(p) + "\n" for p in problems))
+    write_atomic(out_dir / "meta.json", json.dumps(asdict(meta), indent=2) + "\n")
+
+
+def load_traces(trace_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict], TraceMeta]:
+    for name in ("steps.safetensors", "problems.jsonl", "meta.json"):
+        if not (trace_dir / name).is_file():
+            raise FileNotFoundError(f"trace directory {str(trace_dir)!r} has no {name} (write one with "
+                                    "`l2pd collect-traces`)")
+    steps = load_file(str(trace_dir / "steps.safetensors"))
+    problems = [json.loads(line) for line in (trace_dir / "problems.jsonl").read_text().splitlines()]
+    return steps, problems, TraceMeta(**json.loads((trace_dir / "meta.json").read_text()))

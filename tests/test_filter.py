@@ -1,0 +1,200 @@
+"""Learn2PD filter: features, networks, checkpoint format and checks, trace labelling, training, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2pd_harness.decoding.policies import Learned, StepState
+from l2pd_harness.decoding.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from l2pd_harness.filter.model import (
+    DEFAULT_FILTER,
+    FEATURES,
+    FilterCard,
+    FilterConfig,
+    FilterError,
+    FilterNet,
+    LearnedFilter,
+    block_features,
+    load_filter,
+    read_filter,
+)
+from l2pd_harness.filter.traces import StepRecorder, is_validation
+from l2pd_harness.filter.train import ACCEPT_THRESHOLDS, FilterTrainConfig, TraceData, fit, precision_recall
+
+BATCHES = [1, 2, 32]
+L = 8
+
+
+def synthetic_state(batch: int, seed: int = 0) -> StepState:
+    gen = torch.Generator().manual_seed(seed * 100 + batch)
+    confidence = torch.rand(batch, L, generator=gen, dtype=torch.float64)
+    return StepState(confidence=confidence, margin=confidence * 0.5, entropy=1 - confidence,
+                     prediction=torch.randint(0, 9, (batch, L), generator=gen),
+                     masked=torch.rand(batch, L, generator=gen) < 0.7, block_step=torch.zeros(batch, dtype=torch.long),
+                     noise=torch.zeros(batch, L, dtype=torch.float64))
+
+
+def make_filter(architecture: str, seed: int = 0) -> LearnedFilter:
+    features = ("confidence",) if architecture == "block_mlp" else FEATURES
+    cfg = FilterConfig(architecture, features, block_length=L, hidden_size=16)
+    torch.manual_seed(seed)
+    return LearnedFilter(FilterNet(cfg), FilterCard(config=cfg, base_model="sha256:test", accept_threshold=0.7))
+
+
+def test_config_errors_name_the_bad_value() -> None:
+    with pytest.raises(FilterError, match="architecture='cnn' is not one of"):
+        FilterConfig("cnn")
+    with pytest.raises(FilterError, match=r"features=\['logit'\] must be a non-empty subset"):
+        FilterConfig("position_mlp", ("logit",))
+    with pytest.raises(FilterError, match="block_mlp' reads the block's confidences only"):
+        FilterConfig("block_mlp", ("confidence", "margin"))
+    with pytest.raises(FilterError, match="hidden_size=0"):
+        FilterConfig(hidden_size=0)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_features_read_settled_positions_as_certain(batch: int) -> None:
+    s = synthetic_state(batch)
+    x = block_features(FEATURES, s.confidence, s.margin, s.entropy, s.masked)
+    assert x.shape == (batch, L, len(FEATURES)) and x.dtype == torch.float32
+    settled = ~s.masked
+    assert (x[..., 0][settled] == 1).all() and (x[..., 1][settled] == 1).all() and (x[..., 2][settled] == 0).all()
+    assert torch.allclose(x[..., 0][s.masked], s.confidence[s.masked].float())
+    assert torch.allclose(x[0, :, 3], torch.arange(L) / L)
+    assert torch.allclose(x[..., 4], settled.float().mean(-1, keepdim=True).expand(batch, L))
+
+
+@pytest.mark.parametrize("architecture", ["block_mlp", "position_mlp"])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_filter_rows_are_independent(architecture: str, batch: int) -> None:
+    """A row's probabilities depend on that row alone, so learned decoding is the same at any batch size."""
+    learned, state = make_filter(architecture), synthetic_state(batch, seed=1)
+    together = learned(state)
+    assert together.shape == (batch, L) and ((together >= 0) & (together <= 1)).all()
+    for row in range(batch):
+        alone = StepState(**{k: v[row:row + 1] for k, v in vars(state).items() if v is not None})
+        assert torch.allclose(learned(alone)[0], together[row], atol=1e-6)
+
+
+def test_position_mlp_scores_each_position_from_its_own_features() -> None:
+    learned, state = make_filter("position_mlp"), synthetic_state(1)
+    state.masked[:] = True  # same committed share everywhere; only the position feature differs besides stats
+    base = learned(state)
+    state.confidence[0, 3] = 0.0001  # changing one position's statistics changes only that position's score
+    changed = learned(state)
+    assert changed[0, 3] != base[0, 3]
+    assert torch.equal(torch.cat([changed[0, :3], changed[0, 4:]]), torch.cat([base[0, :3], base[0, 4:]]))
+
+
+def test_learned_policy_commits_above_the_accept_threshold() -> None:
+    learned, state = make_filter("block_mlp"), synthetic_state(32, seed=2)
+    commit = Learned(learned, 0.7)(state)
+    accepted = (learned(state) > 0.7) & state.masked
+    assert not (commit & ~state.masked).any()
+    has_accepted = accepted.any(-1)
+    assert torch.equal(commit[has_accepted], accepted[has_accepted])
+    assert (commit[~has_accepted & state.masked.any(-1)].sum(-1) == 1).all()  # the fallback: the most confident
+
+
+def test_checkpoint_round_trip_and_compatibility(tmp_path: Path, random_checkpoint: Path) -> None:
+    from l2pd_harness.loading import model_fingerprint
+
+    learned = make_filter("position_mlp", seed=3)
+    learned.card.base_model = model_fingerprint(random_checkpoint)
+    learned.save(tmp_path / "f.safetensors")
+    assert (tmp_path / "f.json").is_file()
+    again = read_filter(tmp_path / "f.json")
+    state = synthetic_state(2)
+    assert torch.equal(again(state), learned(state)) and again.card == learned.card
+    assert load_filter(tmp_path / "f", random_checkpoint, L).card.accept_threshold == 0.7
+    with pytest.raises(FilterError, match="trained for block_length=8, the decode uses block_length=32"):
+        load_filter(tmp_path / "f", random_checkpoint, 32)
+    with pytest.raises(FilterError, match="was trained on base model sha256:.*not on the loaded model"):
+        load_filter(tmp_path / "f", None, L)  # the shipped tiny model is another base model
+    with pytest.raises(FilterError, match="needs a filter trained for it"):
+        load_filter(None, random_checkpoint, L)
+    card = json.loads((tmp_path / "f.json").read_text())
+    (tmp_path / "f.json").write_text(json.dumps({**card, "format": "other/9"}))
+    with pytest.raises(FilterError, match="has format 'other/9', expected 'l2pd-filter/1'"):
+        read_filter(tmp_path / "f")
+
+
+def test_shipped_filter_matches_the_shipped_model() -> None:
+    learned = load_filter(None, None, 32)  # raises if it was trained on another model or block length
+    assert DEFAULT_FILTER.is_file() and 0 < learned.card.accept_threshold < 1
+    assert learned.card.validation["precision"] > 0.9
+
+
+def test_recorder_labels_predictions_against_the_reference() -> None:
+    """Two requests at different blocks: each step row is labelled against its own request's block."""
+    references = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 9, 9, 8, 8, 8, 8]])  # [problems, gen_length]
+    rows = [ScheduledRequest(0, 0, torch.zeros(6), 2, 2 + 4, 1, None),  # request 0 at its second block
+            ScheduledRequest(1, 1, torch.zeros(6), 2, 2, 0, None)]  # request 1 at its first block
+    prediction = torch.tensor([[5, 0, 7, 0], [9, 9, 1, 9]])
+    state = StepState(confidence=torch.rand(2, 4), margin=torch.rand(2, 4), entropy=torch.rand(2, 4),
+                      prediction=prediction, masked=torch.ones(2, 4, dtype=torch.bool),
+                      block_step=torch.tensor([1, 0]), noise=torch.zeros(2, 4))
+    recorder = StepRecorder()
+    recorder(SchedulerOutput(rows), RunnerOutput([0, 1], torch.zeros(2, 4, dtype=torch.bool), prediction, [6, 6],
+                                                 state))
+    steps = recorder.steps(references, block_length=4)
+    assert steps["label"].tolist() == [[True, False, True, False], [True, True, False, True]]
+    assert steps["block"].tolist() == [1, 0] and steps["problem"].tolist() == [0, 1]
+
+
+def test_validation_split_is_by_problem_and_stable() -> None:
+    questions = [f"question {i}" for i in range(400)]
+    held_out = [is_validation(q, 0.2) for q in questions]
+    assert held_out == [is_validation(q, 0.2) for q in questions]
+    assert 0.12 < sum(held_out) / len(held_out) < 0.28
+
+
+def test_fit_learns_a_separable_rule() -> None:
+    """Labels 'final iff confidence > 0.8': the trained block MLP recovers the rule on validation rows."""
+    gen = torch.Generator().manual_seed(0)
+    confidence = torch.rand(2000, L, generator=gen)
+    masked = torch.rand(2000, L, generator=gen) < 0.8
+    features = block_features(("confidence",), confidence, confidence, confidence, masked)
+    data = TraceData(features, (confidence > 0.8).float(), masked, torch.arange(2000) % 5 == 0, [], [])
+    net = FilterNet(FilterConfig("block_mlp", block_length=L, hidden_size=16))
+    torch.manual_seed(0)
+    log = fit(net, data, FilterTrainConfig(lr=2e-2, batch_size=64, max_epochs=30, class_weight=False, seed=0))
+    assert log["best_val_loss"] < log["val_loss"][0]
+    metrics = precision_recall(net, data, 0.5)
+    assert metrics["precision"] > 0.9 and metrics["recall"] > 0.9
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "l2pd_harness.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_collect_train_and_decode_end_to_end(tmp_path: Path) -> None:
+    """The real commands on the shipped model, small: traces -> filter -> learned decode."""
+    traces = tmp_path / "traces"
+    done = run_cli("collect-traces", "--task", "arith,listops", "--n", "4", "--gen-length", "32", "--out",
+                   str(traces), "--batch-size", "8")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    meta = json.loads((traces / "meta.json").read_text())
+    assert meta["trajectory"] == "oracle" and meta["problems"] == 8 and summary["steps"] == meta["steps"] > 0
+    trained = run_cli("train-filter", "--traces", str(traces), "--out", str(tmp_path / "f.safetensors"),
+                      "--val-share", "0.5", "--max-epochs", "5")
+    assert trained.returncode == 0, trained.stderr
+    card = json.loads((tmp_path / "f.json").read_text())
+    assert card["training"]["trajectories"] == ["oracle"]
+    assert len(card["validation"]["threshold_search"]) == len(ACCEPT_THRESHOLDS)
+    decoded = run_cli("generate", "--prompt", "Ann has 3 pens. She buys 2 more pens. How many pens does Ann have "
+                      "now?", "--policy", "learned", "--filter", str(tmp_path / "f.safetensors"), "--eotp",
+                      "--gen-length", "32")
+    assert decoded.returncode == 0, decoded.stderr
+    assert json.loads(decoded.stdout)["nfe"] >= 1
+    wrong = run_cli("generate", "--prompt", "x", "--policy", "learned", "--filter", str(tmp_path / "f"),
+                    "--block-length", "16", "--gen-length", "32")
+    assert wrong.returncode == 2 and "trained for block_length=32, the decode uses block_length=16" in wrong.stderr

@@ -83,13 +83,24 @@ def test_filter_rows_are_independent(architecture: str, batch: int) -> None:
 
 
 def test_position_mlp_scores_each_position_from_its_own_features() -> None:
-    learned, state = make_filter("position_mlp"), synthetic_state(1)
-    state.masked[:] = True  # same committed share everywhere; only the position feature differs besides stats
-    base = learned(state)
-    state.confidence[0, 3] = 0.0001  # changing one position's statistics changes only that position's score
-    changed = learned(state)
+    """The position MLP is shared across the block: a position's logit depends on its feature vector alone (what
+    couples positions is in the features: committed share, left neighbour, confidence rank)."""
+    net, gen = make_filter("position_mlp").net, torch.Generator().manual_seed(4)
+    features = torch.rand(1, L, len(FEATURES), generator=gen)
+    base = net(features)
+    features[0, 3] = torch.rand(len(FEATURES), generator=gen)
+    changed = net(features)
     assert changed[0, 3] != base[0, 3]
     assert torch.equal(torch.cat([changed[0, :3], changed[0, 4:]]), torch.cat([base[0, :3], base[0, 4:]]))
+
+
+def test_coupling_features_by_hand() -> None:
+    confidence = torch.tensor([[0.5, 0.9, 0.2, 0.7]])
+    masked = torch.tensor([[True, True, False, True]])
+    names = ("left_settled", "confidence_rank")
+    x = block_features(names, confidence, confidence, confidence, masked)[0]
+    assert x[:, 0].tolist() == [1.0, 0.0, 0.0, 1.0]  # the first position follows a finished block
+    assert x[:, 1].tolist() == [0.5, 0.0, 0.0, 0.25]  # masked positions more confident, over the block length
 
 
 def test_learned_policy_commits_above_the_accept_threshold() -> None:

@@ -5,7 +5,8 @@ serving see the same numbers):
 
 - ``block_mlp``: the paper's filter: the block's ``block_length`` confidences -> ReLU MLP -> one logit per position.
 - ``position_mlp``: a shared MLP over each position's own features (confidence, top-1/top-2 margin, entropy,
-  relative position, share of the block already committed) -> one logit.
+  relative position, share of the block already committed, whether its left neighbour is settled, its confidence
+  rank among the block's masked positions) -> one logit.
 
 Positions that are not masked (committed, or past an End-of-Text cut) read as settled: confidence and margin 1,
 entropy 0, so the filter's input does not depend on what the model would say about a token it can no longer change.
@@ -29,7 +30,7 @@ from l2pd_harness.decoding.policies import StepState
 from l2pd_harness.jsonl import write_atomic
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint, resolve_checkpoint
 
-FEATURES = ("confidence", "margin", "entropy", "position", "committed_share")
+FEATURES = ("confidence", "margin", "entropy", "position", "committed_share", "left_settled", "confidence_rank")
 ARCHITECTURES = ("block_mlp", "position_mlp")
 FORMAT = "l2pd-filter/1"
 DEFAULT_FILTER = DEFAULT_MODEL_DIR / "learn2pd-filter.safetensors"
@@ -80,8 +81,18 @@ def block_features(names: tuple[str, ...], confidence: torch.Tensor, margin: tor
         "entropy": lambda: entropy.masked_fill(settled, 0.0),
         "position": lambda: (torch.arange(length, device=masked.device) / length).expand(masked.shape),
         "committed_share": lambda: settled.double().mean(-1, keepdim=True).expand(masked.shape),
+        # The block's first position follows the previous block, which is always fully committed.
+        "left_settled": lambda: torch.cat([torch.ones_like(settled[:, :1]), settled[:, :-1]], dim=-1),
+        "confidence_rank": lambda: confidence_rank(confidence, masked) / length,
     }
     return torch.stack([columns[name]().float() for name in names], dim=-1)
+
+
+def confidence_rank(confidence: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """``[B, L]``: how many masked positions of the block are more confident than this one (0 where settled)."""
+    score = confidence.masked_fill(~masked, float("-inf"))  # [B, L]
+    above = (score[:, None, :] > score[:, :, None]) & masked[:, :, None]  # [B, L, L]: j beats i
+    return above.sum(-1).masked_fill(~masked, 0)
 
 
 class FilterNet(nn.Module):

@@ -123,7 +123,7 @@ class ModelRunner:
         probs = logits.double().softmax(-1)  # [B, L, V]
         confidence = probs.gather(-1, prediction[..., None]).squeeze(-1)  # [B, L]
         top2 = probs.topk(2, dim=-1).values  # [B, L, 2]
-        entropy = -(probs * probs.clamp(min=1e-300).log()).sum(-1)  # [B, L]
+        entropy = torch.special.entr(probs).sum(-1)  # [B, L]: one [B, L, V] temporary, 0 * log 0 read as 0
         reference = None
         if rows[0].reference is not None:
             reference = torch.stack([r.reference for r in rows])

@@ -416,14 +416,14 @@ def add_train_filter_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train_filter(args: argparse.Namespace) -> None:
     from l2pd_harness.filter.model import FEATURES, FilterConfig, FilterError
-    from l2pd_harness.filter.traces import load_traces
+    from l2pd_harness.filter.traces import read_meta
     from l2pd_harness.filter.train import FilterTrainConfig, train_filter
     from l2pd_harness.loading import load_model, model_fingerprint, resolve_checkpoint
 
     features = args.features.split(",") if args.features else (
         ["confidence"] if args.architecture == "block_mlp" else list(FEATURES))
     try:
-        meta = load_traces(args.traces[0])[2]
+        meta = read_meta(args.traces[0])
         filter_cfg = FilterConfig(args.architecture, tuple(features), meta.block_length, args.hidden_size)
         train_cfg = FilterTrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
                                       patience=args.patience, val_share=args.val_share,

@@ -40,3 +40,14 @@ def write_atomic(path: Path, text: str) -> None:
     staging = path.with_name(path.name + ".partial")
     staging.write_text(text)
     os.replace(staging, path)
+
+
+def save_tensors_atomic(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors`` file written through a staging file, like :func:`write_atomic`."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".partial")
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(staging),
+              metadata=metadata)
+    os.replace(staging, path)

@@ -123,8 +123,7 @@ class L2PDLM(LM):
         self.cfg = DecodeConfig(
             gen_length=as_int("gen_length", gen_length), block_length=as_int("block_length", block_length),
             policy=policy, steps=as_int("steps", steps), threshold=as_float("threshold", threshold),
-            factor=as_float("factor", factor),
-            eotp=as_bool("eotp", eotp), cache=cache,
+            factor=as_float("factor", factor), eotp=as_bool("eotp", eotp), cache=cache,
             temperature=as_float("temperature", temperature), cfg_scale=as_float("cfg_scale", cfg_scale),
             seed=as_int("seed", seed), batch_size=as_int("batch_size", batch_size))
         if policy == "learned":  # the filter's default accept threshold unless one is given

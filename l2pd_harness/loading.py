@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from l2pd_harness.jsonl import save_tensors_atomic
 from l2pd_harness.models.llada import LLaDAConfig, LLaDAModel
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-llada"
@@ -115,8 +115,7 @@ def save_llada(model: LLaDAModel, out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
+    save_tensors_atomic(model.state_dict(), out / SINGLE_FILE, metadata={"format": "pt"})
 
 
 @dataclass

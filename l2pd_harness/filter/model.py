@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import StepState
-from l2pd_harness.jsonl import write_atomic
+from l2pd_harness.jsonl import save_tensors_atomic, write_atomic
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint, resolve_checkpoint
 
 FEATURES = ("confidence", "margin", "entropy", "position", "committed_share", "left_settled", "confidence_rank")
@@ -144,11 +144,7 @@ class LearnedFilter:
     def save(self, path: str | Path) -> None:
         """Write ``path`` (``.safetensors``) and the card beside it (``.json``)."""
         weights, card = checkpoint_paths(path)
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        staging = weights.with_name(weights.name + ".partial")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}, str(staging),
-                  metadata={"format": FORMAT})
-        staging.replace(weights)
+        save_tensors_atomic(self.net.state_dict(), weights, metadata={"format": FORMAT})
         write_atomic(card, json.dumps(asdict(self.card), indent=2) + "\n")
 
 

@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import Policy
 from l2pd_harness.decoding.scheduler import RunnerOutput, SchedulerOutput
 from l2pd_harness.evaluation import grade_rows, iter_decoded
-from l2pd_harness.jsonl import write_atomic
+from l2pd_harness.jsonl import save_tensors_atomic, write_atomic
 
 TRAJECTORIES = ("reference", "oracle", "learned")
 
@@ -116,19 +116,24 @@ def collect(model, tokenizer, problems: list[dict], trajectory_cfg: DecodeConfig
 
 
 def save_traces(out_dir: Path, steps: dict[str, torch.Tensor], problems: list[dict], meta: TraceMeta) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / "steps.safetensors.partial"
-    save_file({key: value.contiguous() for key, value in steps.items()}, str(staging))
-    staging.replace(out_dir / "steps.safetensors")
+    save_tensors_atomic(steps, out_dir / "steps.safetensors")
     write_atomic(out_dir / "problems.jsonl", "".join(json.dumps(p) + "\n" for p in problems))
     write_atomic(out_dir / "meta.json", json.dumps(asdict(meta), indent=2) + "\n")
 
 
+def trace_file(trace_dir: Path, name: str) -> Path:
+    if not (trace_dir / name).is_file():
+        raise FileNotFoundError(f"trace directory {str(trace_dir)!r} has no {name} (write one with "
+                                "`l2pd collect-traces`)")
+    return trace_dir / name
+
+
+def read_meta(trace_dir: Path) -> TraceMeta:
+    return TraceMeta(**json.loads(trace_file(trace_dir, "meta.json").read_text()))
+
+
 def load_traces(trace_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict], TraceMeta]:
-    for name in ("steps.safetensors", "problems.jsonl", "meta.json"):
-        if not (trace_dir / name).is_file():
-            raise FileNotFoundError(f"trace directory {str(trace_dir)!r} has no {name} (write one with "
-                                    "`l2pd collect-traces`)")
-    steps = load_file(str(trace_dir / "steps.safetensors"))
-    problems = [json.loads(line) for line in (trace_dir / "problems.jsonl").read_text().splitlines()]
-    return steps, problems, TraceMeta(**json.loads((trace_dir / "meta.json").read_text()))
+    meta = read_meta(trace_dir)
+    steps = load_file(str(trace_file(trace_dir, "steps.safetensors")))
+    problems = [json.loads(line) for line in trace_file(trace_dir, "problems.jsonl").read_text().splitlines()]
+    return steps, problems, meta

@@ -1,5 +1,5 @@
-"""The ``l2pd`` command line: generate, data, grade, evaluate, train-base, collect-traces, train-filter (registered in
-:func:`build_parser`)."""
+"""The ``l2pd`` command line: generate, data, grade, evaluate, train-base, collect-traces, train-filter, regress
+(registered in :func:`build_parser`)."""
 
 from __future__ import annotations
 
@@ -121,20 +121,6 @@ def decode_config(args: argparse.Namespace):
         raise UsageError(str(err)) from None
 
 
-def decode_policy(args: argparse.Namespace, cfg):
-    """``cfg`` (with a learned filter's default accept threshold filled in) and the policy it names."""
-    from l2pd_harness.decoding.policies import build_policy
-    from l2pd_harness.filter.model import with_filter
-
-    if cfg.policy != "learned":
-        if args.filter is not None or args.accept_threshold is not None:
-            raise UsageError(f"--filter and --accept-threshold are only used by the learned policy (got "
-                             f"{cfg.policy})")
-        return cfg, build_policy(cfg)
-    cfg, learned = with_filter(cfg, args.filter, args.model, args.accept_threshold)
-    return cfg, build_policy(cfg, learned)
-
-
 def read_references(args: argparse.Namespace, count: int) -> list[list[int]] | None:
     """The oracle's targets: the ``canvas`` of each row of ``--references`` (required by, and only for, oracle)."""
     if args.policy != "oracle":
@@ -155,9 +141,10 @@ def decoded_rows(args: argparse.Namespace, requests: list[dict], desc: str) -> I
     """Check the settings, load the model, and return the decoded ``requests`` as an iterator in input order
     (nothing is written before the settings are known to be good)."""
     from l2pd_harness.evaluation import iter_decoded
+    from l2pd_harness.filter.model import decode_policy
     from l2pd_harness.loading import load_model
 
-    cfg, policy = decode_policy(args, decode_config(args))
+    cfg, policy = decode_policy(decode_config(args), args.filter, args.model, args.accept_threshold)
     references = read_references(args, len(requests))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     return iter_decoded(model, tokenizer, requests, cfg, args.chat_template, references, desc=desc, policy=policy)
@@ -346,6 +333,7 @@ def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_collect_traces(args: argparse.Namespace) -> None:
     from l2pd_harness.decoding.config import DecodeConfig
+    from l2pd_harness.filter.model import decode_policy
     from l2pd_harness.filter.traces import TraceMeta, collect, save_traces
     from l2pd_harness.loading import load_model, model_fingerprint, resolve_checkpoint
     from l2pd_harness.tasks import sample_problems
@@ -361,7 +349,7 @@ def run_collect_traces(args: argparse.Namespace) -> None:
         raise UsageError(str(err)) from None
     if args.trajectory == "reference" and (args.cache != "none" or args.references):
         raise UsageError("--trajectory reference records the reference decode itself: no --cache, no --references")
-    cfg, policy_fn = decode_policy(args, cfg)
+    cfg, policy_fn = decode_policy(cfg, args.filter, args.model, args.accept_threshold)
     references = None
     if args.references:
         references = [row for path in args.references for row in read_jsonl(path, "--references")]
@@ -383,6 +371,53 @@ def run_collect_traces(args: argparse.Namespace) -> None:
                       "masked_positions": int(steps["masked"].sum()),
                       "final_share": round(float(steps["label"][steps["masked"]].float().mean()), 4),
                       "reference_accuracy": meta.reference_accuracy}))
+
+
+def add_regress_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "regress", help="CI check: accuracy and forward passes of the main configurations against a reference",
+        description="Decode fixed held-out test problems of each task with the shipped tiny model under the "
+                    "regression configurations (fixed 1 token/step; threshold 0.9 + EoTP; learned + EoTP; learned "
+                    "+ EoTP + dual cache) and compare with the committed reference: fails (exit 1) when a task's "
+                    "accuracy drops by more than two standard errors of the reference accuracy at its sample size, "
+                    "or its mean NFE grows by more than 5%. --update records a new reference instead.")
+    p.add_argument("--reference", type=Path, default=Path("results/regression/reference.json"),
+                   help="reference JSON (results/regression/reference.json, from the current directory)")
+    p.add_argument("--update", action="store_true", help="measure and write a new reference instead of checking")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="sequences in flight (32; outputs do not depend on it)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu)")
+    p.set_defaults(func=run_regress)
+
+
+def run_regress(args: argparse.Namespace) -> None:
+    from l2pd_harness import regression
+    from l2pd_harness.jsonl import write_atomic
+    from l2pd_harness.loading import load_model
+
+    reference = None
+    if not args.update:
+        if not args.reference.is_file():
+            raise UsageError(f"--reference {str(args.reference)!r} does not exist (record one with "
+                             "`l2pd regress --update`)")
+        reference = json.loads(args.reference.read_text())
+        try:
+            regression.check_comparable(reference)
+        except regression.RegressionError as err:
+            raise UsageError(f"--reference {str(args.reference)!r}: {err}") from None
+    model, tokenizer = load_model(device=args.device)
+    measured = regression.measure(model, tokenizer, args.batch_size)
+    if reference is None:
+        write_atomic(args.reference, json.dumps(measured, indent=1) + "\n")
+        print(regression.reference_table(measured) + f"\n\nwrote {args.reference}")
+        return
+    verdicts = regression.compare(reference, measured)
+    print(regression.verdict_table(verdicts))
+    failures = [failure for verdict in verdicts for failure in verdict.failures()]
+    if failures:
+        print("\nregression check FAILED:\n" + "\n".join(f"- {failure}" for failure in failures))
+        raise SystemExit(1)
+    print(f"\nregression check passed ({len(verdicts)} checks against {args.reference})")
 
 
 def add_train_filter_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -449,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="l2pd", description="l2pd-harness: fast, measured decoding of diffusion LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in (add_generate_parser, add_data_parser, add_grade_parser, add_evaluate_parser, add_train_base_parser,
-                add_collect_traces_parser, add_train_filter_parser):
+                add_collect_traces_parser, add_train_filter_parser, add_regress_parser):
         add(subparsers)
     return parser
 

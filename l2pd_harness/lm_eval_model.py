@@ -30,9 +30,8 @@ from tqdm import tqdm
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
-from l2pd_harness.decoding.policies import build_policy
 from l2pd_harness.evaluation import step_log as step_log_fields
-from l2pd_harness.filter.model import with_filter
+from l2pd_harness.filter.model import decode_policy
 from l2pd_harness.jsonl import JsonlWriter
 from l2pd_harness.likelihood import monte_carlo_loglikelihood
 from l2pd_harness.loading import load_model
@@ -126,15 +125,8 @@ class L2PDLM(LM):
             factor=as_float("factor", factor), eotp=as_bool("eotp", eotp), cache=cache,
             temperature=as_float("temperature", temperature), cfg_scale=as_float("cfg_scale", cfg_scale),
             seed=as_int("seed", seed), batch_size=as_int("batch_size", batch_size))
-        if policy == "learned":  # the filter's default accept threshold unless one is given
-            given = None if accept_threshold is None else as_float("accept_threshold", accept_threshold)
-            self.cfg, learned = with_filter(self.cfg, filter, pretrained, given)
-            self.policy = build_policy(self.cfg, learned)
-        elif filter is not None or accept_threshold is not None:
-            raise ValueError(f"model_args filter/accept_threshold are only used by policy=learned (got policy="
-                             f"{policy!r})")
-        else:
-            self.policy = build_policy(self.cfg)
+        given = None if accept_threshold is None else as_float("accept_threshold", accept_threshold)
+        self.cfg, self.policy = decode_policy(self.cfg, filter, pretrained, given)
         self.mc_num, self.chat_template_default = as_int("mc_num", mc_num), as_bool("chat_template", chat_template)
         self.templated_by_lm_eval = False
         self.accelerator = None

@@ -58,7 +58,7 @@ def test_single_prompt_prints_json(random_checkpoint: Path) -> None:
     (["--policy", "oracle"], "--policy oracle needs --references FILE"),
     (["--policy", "learned"], "needs a filter trained for it (`l2pd collect-traces` then `l2pd train-filter`)"),
     (["--policy", "learned", "--filter", "/nope"], "filter checkpoint '/nope': '/nope.safetensors' does not exist"),
-    (["--filter", "/nope"], "--filter and --accept-threshold are only used by the learned policy (got fixed)"),
+    (["--filter", "/nope"], "accept_threshold are only used by policy 'learned' (got policy 'fixed', filter='/nope'"),
     (["--policy", "learned", "--accept-threshold", "1.5"], "accept_threshold=1.5 must be in (0, 1)"),
     (["--policy", "factor", "--factor", "0"], "factor=0.0 must be > 0"),
 ])

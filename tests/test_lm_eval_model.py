@@ -46,7 +46,7 @@ def test_lm_eval_types_are_coerced() -> None:
     ("threshold=abc", "model_args threshold='abc' is not a number"),
     ("policy=learned,filter=/missing", "filter checkpoint '/missing': '/missing.safetensors' does not exist"),
     ("policy=learned", "policy 'learned' on .* needs a filter trained for it"),
-    ("filter=/missing", "filter/accept_threshold are only used by policy=learned"),
+    ("filter=/missing", r"only used by policy 'learned' \(got policy 'fixed', filter='/missing'"),
     ("cache=ring", r"cache='ring' is not one of \['none', 'prefix', 'dual'\]"),
     ("colour=red", r"unknown model_args \['colour'\] for l2pd; known: \['pretrained', 'policy'"),
     ("batch_size=auto", "automatic batch sizes are not supported"),

@@ -31,7 +31,8 @@ class DecodeConfig:
     accept_threshold: float = 0.5
     """``learned``: commit the masked positions whose filter probability exceeds this (at least one)."""
     eotp: bool = False
-    """End-of-Text Prediction: once end-of-text is committed at position p, drop every later position."""
+    """End-of-Text Prediction: once end-of-text is committed at position p, commit every later position as
+    end-of-text (no pass decodes them; they stay in the model's input)."""
     cache: str = "none"
     """KV cache: none; prefix (reuse keys/values before the block); dual (reuse before and after it)."""
     temperature: float = 0.0

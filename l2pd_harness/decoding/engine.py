@@ -23,7 +23,8 @@ StepObserver = Callable[[SchedulerOutput, RunnerOutput], None]
 class Engine:
     """Decodes tokenized prompts with ``cfg``'s policy, cache and batch size.
 
-    ``eot_ids``: tokens that end a response (End-of-Text Prediction cuts the canvas after the first committed one).
+    ``eot_ids``: tokens that end a response (End-of-Text Prediction commits every position after the first
+    committed one as end-of-text).
     ``policy``: overrides the policy ``cfg.policy`` names (e.g. a learned filter's).
     """
 

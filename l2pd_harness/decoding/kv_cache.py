@@ -6,8 +6,7 @@ every other position's keys/values from the store (:meth:`KVCache.reuse`): ``pre
 everything after it, ``dual`` the block alone. Stale by design: the stored values of positions outside the slice
 were computed before this block's commits.
 
-Sequences are left-aligned in their slot, so a column is a position and truncating a sequence (End-of-Text
-Prediction) only shortens its length.
+Sequences are left-aligned in their slot, so a column is a position.
 """
 
 from __future__ import annotations

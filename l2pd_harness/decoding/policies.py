@@ -28,7 +28,7 @@ class StepState:
     prediction: torch.Tensor
     """``[B, L]`` long: the token each block position would get now."""
     masked: torch.Tensor
-    """``[B, L]`` bool: positions still masked (false for committed positions and those past the live canvas)."""
+    """``[B, L]`` bool: positions still masked (false for committed positions)."""
     block_step: torch.Tensor
     """``[B]`` long: forward passes already spent on this row's current block."""
     noise: torch.Tensor

@@ -37,7 +37,7 @@ class StepBatch:
     """The scheduled rows as tensors, built once per step (right-padded ids, so a column is a position)."""
 
     ids: torch.Tensor  # [B, S]
-    lengths: torch.Tensor  # [B] tokens in each row (prompt + live canvas)
+    lengths: torch.Tensor  # [B] tokens in each row (prompt + canvas)
     block_start: torch.Tensor  # [B] column of each row's block
     prompt_length: torch.Tensor  # [B]
     slots: torch.Tensor  # [B]
@@ -92,7 +92,7 @@ class ModelRunner:
         ids, lengths = batch.ids, batch.lengths  # [B, S], [B]
         attention_mask = (torch.arange(ids.shape[1], device=self.device) < lengths[:, None]).long()  # [B, S]
         kv_cache = None if self.cache is None else self.cache.refresh(batch.slots, lengths)
-        index = self._block_columns(batch.block_start).clamp(max=ids.shape[1] - 1)  # past the end: not masked
+        index = self._block_columns(batch.block_start)  # [B, L]
         if self.cfg.cfg_scale == 0:
             return self.model(ids, attention_mask, kv_cache=kv_cache, logits_index=index), lengths.tolist()
         # Classifier-free guidance: push the logits away from a pass that cannot see the prompt.
@@ -116,9 +116,7 @@ class ModelRunner:
     def _decide(self, rows: list[ScheduledRequest], batch: StepBatch, logits: torch.Tensor,
                 computed: list[int]) -> RunnerOutput:
         """Token choice and confidence on each block position, then the policy's commit mask."""
-        columns = self._block_columns(batch.block_start)  # [B, L]
-        live = columns < batch.lengths[:, None]  # [B, L]
-        block_tokens = batch.ids.gather(1, columns.clamp(max=batch.ids.shape[1] - 1))  # [B, L]
+        block_tokens = batch.ids.gather(1, self._block_columns(batch.block_start))  # [B, L]
         prediction = gumbel_argmax(logits, self.cfg.temperature, self.generator)  # [B, L]
         probs = logits.double().softmax(-1)  # [B, L, V]
         confidence = probs.gather(-1, prediction[..., None]).squeeze(-1)  # [B, L]
@@ -128,7 +126,7 @@ class ModelRunner:
         if rows[0].reference is not None:
             reference = torch.stack([r.reference for r in rows])
         state = StepState(confidence=confidence, margin=top2[..., 0] - top2[..., 1], entropy=entropy,
-                          prediction=prediction, masked=live & (block_tokens == self.mask_id),
+                          prediction=prediction, masked=block_tokens == self.mask_id,
                           block_step=torch.tensor([r.block_step for r in rows], device=self.device),
                           noise=torch.rand(confidence.shape, dtype=torch.float64, device=self.device,
                                            generator=self.generator),

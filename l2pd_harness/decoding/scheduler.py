@@ -25,7 +25,7 @@ class ScheduledRequest:
     request_id: int
     slot: int
     token_ids: torch.Tensor
-    """``[prompt + live canvas]``: the sequence as it stands."""
+    """``[prompt + canvas]``: the sequence as it stands."""
     prompt_length: int
     block_start: int
     """Column of the current block's first position in ``token_ids``."""
@@ -59,13 +59,13 @@ class GenerationResult:
     """One sequence's canvas and its step log."""
 
     token_ids: list[int]
-    """The ``gen_length`` canvas tokens; with EoTP the dropped tail reads end-of-text."""
+    """The ``gen_length`` canvas tokens; with EoTP the tail after the first end-of-text reads end-of-text."""
     nfe: int
     """Forward passes (number of function evaluations) spent on this sequence."""
     tokens_per_step: list[int] = field(default_factory=list)
     """Positions committed at each forward pass."""
     positions_per_step: list[int] = field(default_factory=list)
-    """Positions each forward pass computed for this sequence (shorter with EoTP and with a KV cache)."""
+    """Positions each forward pass computed for this sequence (fewer with a KV cache)."""
     latency_s: float = 0.0
     """Wall time from this sequence's first forward pass until it was finished."""
 
@@ -77,7 +77,7 @@ class Request:
     canvas: torch.Tensor  # [gen_length]
     reference: torch.Tensor | None  # [gen_length]
     live_length: int
-    """Canvas positions still decoded: ``gen_length`` until EoTP drops the tail after an end-of-text."""
+    """Canvas positions still decoded: ``gen_length`` until EoTP commits the tail after an end-of-text."""
     block: int = 0
     block_step: int = 0
     slot: int = -1
@@ -124,7 +124,7 @@ class Scheduler:
     def _scheduled(self, r: Request) -> ScheduledRequest:
         start = r.block * self.cfg.block_length
         reference = None if r.reference is None else r.reference[start:start + self.cfg.block_length]
-        return ScheduledRequest(r.request_id, r.slot, torch.cat([r.prompt, r.canvas[: r.live_length]]),
+        return ScheduledRequest(r.request_id, r.slot, torch.cat([r.prompt, r.canvas]),
                                 len(r.prompt), len(r.prompt) + start, r.block_step, reference)
 
     def update_from_output(self, output: RunnerOutput) -> list[Request]:
@@ -146,7 +146,9 @@ class Scheduler:
         r.tokens_per_step.append(int(commit_mask.sum()))
         if self.cfg.eotp:
             ends = (commit_mask & torch.isin(prediction, self.eot_ids)).nonzero()
-            if len(ends):  # drop everything after the first committed end-of-text
+            # Commit everything after the first end-of-text as end-of-text: no pass is spent on it, yet the model
+            # still sees the padding it was trained with (dropping the tail instead cost 2 points on arith).
+            if len(ends):
                 r.live_length = min(r.live_length, start + int(ends[0]) + 1)
                 r.canvas[r.live_length:] = self.eos_id
 

@@ -8,7 +8,7 @@ serving see the same numbers):
   relative position, share of the block already committed, whether its left neighbour is settled, its confidence
   rank among the block's masked positions) -> one logit.
 
-Positions that are not masked (committed, or past an End-of-Text cut) read as settled: confidence and margin 1,
+Positions that are not masked (committed, or committed as end-of-text by EoTP) read as settled: confidence and margin 1,
 entropy 0, so the filter's input does not depend on what the model would say about a token it can no longer change.
 
 A checkpoint is ``NAME.safetensors`` (the weights) plus ``NAME.json`` (:class:`FilterCard`: architecture,
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.decoding.policies import StepState
+from l2pd_harness.decoding.policies import Policy, StepState, build_policy
 from l2pd_harness.jsonl import save_tensors_atomic, write_atomic
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint, resolve_checkpoint
 
@@ -198,9 +198,18 @@ def load_filter(path: str | Path | None, pretrained: str | Path | None, block_le
     return learned
 
 
-def with_filter(cfg: DecodeConfig, path: str | Path | None, pretrained: str | Path | None,
-                accept_threshold: float | None) -> tuple[DecodeConfig, LearnedFilter]:
-    """``cfg`` with the filter's default accept threshold unless ``accept_threshold`` is given, and the filter."""
+def decode_policy(cfg: DecodeConfig, path: str | Path | None = None, pretrained: str | Path | None = None,
+                  accept_threshold: float | None = None) -> tuple[DecodeConfig, Policy]:
+    """The policy ``cfg`` names and ``cfg`` as decoded; for ``learned``, the filter at ``path`` (default: the
+    shipped one) and its default accept threshold unless ``accept_threshold`` is given. A filter or accept
+    threshold for another policy is an error."""
+    if cfg.policy != "learned":
+        if path is not None or accept_threshold is not None:
+            raise FilterError(f"filter and accept_threshold are only used by policy 'learned' (got policy "
+                              f"{cfg.policy!r}, filter={None if path is None else str(path)!r}, "
+                              f"accept_threshold={accept_threshold!r})")
+        return cfg, build_policy(cfg)
     learned = load_filter(path, pretrained, cfg.block_length)
     threshold = learned.card.accept_threshold if accept_threshold is None else accept_threshold
-    return replace(cfg, accept_threshold=threshold), learned
+    cfg = replace(cfg, accept_threshold=threshold)
+    return cfg, build_policy(cfg, learned)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.evaluation import grade_rows, iter_decoded
+from l2pd_harness.evaluation import iter_decoded, summarise
 from l2pd_harness.filter.model import DEFAULT_FILTER, decode_policy
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint
 from l2pd_harness.tasks import sample_problems
@@ -108,9 +108,9 @@ def measure(model, tokenizer, batch_size: int) -> dict:
         for task in TASKS:
             problems = sample_problems(task, "test", check.n, DATA_SEED)
             rows = list(iter_decoded(model, tokenizer, problems, cfg, policy=policy, desc=f"{check.name} / {task}"))
-            correct = sum(grade_rows(rows))
-            tasks[task] = {"n": len(rows), "correct": correct, "accuracy": round(correct / len(rows), 4),
-                           "mean_nfe": round(sum(row["nfe"] for row in rows) / len(rows), 3)}
+            summary = summarise(task, rows, cfg)
+            tasks[task] = {"n": summary.n, "correct": round(summary.accuracy * summary.n),
+                           "accuracy": round(summary.accuracy, 4), "mean_nfe": round(summary.mean_nfe, 3)}
         runs[check.name] = {"config": config_record(check, cfg), "tasks": tasks}
     return {"format": FORMAT, "identity": identity(), "runs": runs}
 

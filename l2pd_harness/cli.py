@@ -1,5 +1,5 @@
-"""The ``l2pd`` command line: generate, data, grade, evaluate, train-base, collect-traces, train-filter, regress
-(registered in :func:`build_parser`)."""
+"""The ``l2pd`` command line: generate, data, grade, evaluate, train-base, collect-traces, train-filter,
+choose-threshold, regress (registered in :func:`build_parser`)."""
 
 from __future__ import annotations
 
@@ -442,11 +442,16 @@ def add_train_filter_parser(subparsers: argparse._SubParsersAction) -> None:
     docs = field_docs(FilterTrainConfig)
     p.add_argument("--class-weight", action="store_true", help=docs["class_weight"])
     p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    add_validation_decode_options(p)
+    p.set_defaults(func=run_train_filter)
+
+
+def add_validation_decode_options(p: argparse.ArgumentParser) -> None:
+    """How ``train-filter`` and ``choose-threshold`` decode the validation problems."""
     p.add_argument("--decode-batch-size", type=positive_int, default=32,
                    help="sequences in flight when decoding validation problems (32)")
     p.add_argument("--model", default=None, help="base model of the traces (default: the shipped tiny model)")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
-    p.set_defaults(func=run_train_filter)
 
 
 def run_train_filter(args: argparse.Namespace) -> None:
@@ -480,11 +485,51 @@ def run_train_filter(args: argparse.Namespace) -> None:
                       **{k: card.training[k] for k in ("epochs", "best_val_loss", "parameters", "wall_time_s")}}))
 
 
+def add_choose_threshold_parser(subparsers: argparse._SubParsersAction) -> None:
+    from l2pd_harness.filter.train import FilterTrainConfig
+
+    p = subparsers.add_parser(
+        "choose-threshold", help="choose a trained filter's default accept threshold again, on more problems",
+        description="Decode every problem of the given trace directories that the filter was not fitted on "
+                    "(its own validation problems, problems of newly collected traces) with `learned` + EoTP at "
+                    "each candidate accept threshold, and keep the lowest from which every higher one stays within "
+                    "--max-accuracy-drop of the reference decode, as train-filter does. The weights are unchanged; "
+                    "writes the filter with the new default and search to --out (which may be --filter).")
+    p.add_argument("--filter", type=Path, required=True, help="filter checkpoint from `l2pd train-filter`")
+    p.add_argument("--traces", type=Path, nargs="+", required=True,
+                   help="trace directories from collect-traces (problems the filter was fitted on are left out)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint path to write (NAME.safetensors)")
+    add_field_options(p, FilterTrainConfig, ("max_accuracy_drop",), float)
+    add_validation_decode_options(p)
+    p.set_defaults(func=run_choose_threshold)
+
+
+def run_choose_threshold(args: argparse.Namespace) -> None:
+    from l2pd_harness.filter.model import load_filter
+    from l2pd_harness.filter.traces import read_meta
+    from l2pd_harness.filter.train import rechoose_accept_threshold
+    from l2pd_harness.loading import load_model
+
+    try:
+        block_length = read_meta(args.traces[0]).block_length
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    learned = load_filter(args.filter, args.model, block_length)
+    model, tokenizer = load_model(args.model, device=args.device)
+    chosen = rechoose_accept_threshold(learned, args.traces, model, tokenizer, args.max_accuracy_drop,
+                                       args.decode_batch_size)
+    chosen.save(args.out)
+    validation = chosen.card.validation
+    print(json.dumps({"out": str(args.out), "accept_threshold": chosen.card.accept_threshold,
+                      "replaces": validation["replaces"],
+                      **{k: validation[k] for k in ("problems", "precision", "recall")}}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="l2pd", description="l2pd-harness: fast, measured decoding of diffusion LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in (add_generate_parser, add_data_parser, add_grade_parser, add_evaluate_parser, add_train_base_parser,
-                add_collect_traces_parser, add_train_filter_parser, add_regress_parser):
+                add_collect_traces_parser, add_train_filter_parser, add_choose_threshold_parser, add_regress_parser):
         add(subparsers)
     return parser
 

@@ -11,6 +11,7 @@ import torch
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.decoding.kv_cache import KVCache
+from l2pd_harness.decoding.policies import StepState
 from l2pd_harness.decoding.scheduler import RunnerOutput, Scheduler
 from l2pd_harness.loading import load_model
 
@@ -31,7 +32,10 @@ def fake_output(scheduler: Scheduler, commits: dict[int, dict[int, int]], block_
     for row, request_id in enumerate(ids):
         for offset, token in commits.get(request_id, {}).items():
             commit_mask[row, offset], prediction[row, offset] = True, token
-    return RunnerOutput(ids, commit_mask, prediction, [1] * len(ids), state=None)
+    zeros = torch.zeros(len(ids), block_length)
+    state = StepState(confidence=zeros, margin=zeros, entropy=zeros, prediction=prediction, masked=~commit_mask,
+                      block_step=torch.zeros(len(ids), dtype=torch.long), noise=zeros)
+    return RunnerOutput(ids, commit_mask, [1] * len(ids), state)
 
 
 def make_scheduler(eotp: bool, batch_size: int = 2, requests: int = 1) -> Scheduler:

@@ -24,8 +24,15 @@ from l2pd_harness.filter.model import (
     load_filter,
     read_filter,
 )
-from l2pd_harness.filter.traces import StepRecorder, is_validation
-from l2pd_harness.filter.train import ACCEPT_THRESHOLDS, FilterTrainConfig, TraceData, fit, precision_recall
+from l2pd_harness.filter.traces import StepRecorder, is_validation, read_problems
+from l2pd_harness.filter.train import (
+    ACCEPT_THRESHOLDS,
+    FilterTrainConfig,
+    TraceData,
+    fit,
+    precision_recall,
+    training_questions,
+)
 
 BATCHES = [1, 2, 32]
 L = 8
@@ -152,11 +159,19 @@ def test_recorder_labels_predictions_against_the_reference() -> None:
                       prediction=prediction, masked=torch.ones(2, 4, dtype=torch.bool),
                       block_step=torch.tensor([1, 0]), noise=torch.zeros(2, 4))
     recorder = StepRecorder()
-    recorder(SchedulerOutput(rows), RunnerOutput([0, 1], torch.zeros(2, 4, dtype=torch.bool), prediction, [6, 6],
-                                                 state))
+    recorder(SchedulerOutput(rows), RunnerOutput([0, 1], torch.zeros(2, 4, dtype=torch.bool), [6, 6], state))
     steps = recorder.steps(references, block_length=4)
     assert steps["label"].tolist() == [[True, False, True, False], [True, True, False, True]]
     assert steps["block"].tolist() == [1, 0] and steps["problem"].tolist() == [0, 1]
+
+
+def test_threshold_choice_needs_the_filters_own_traces(tmp_path: Path) -> None:
+    """Which problems a filter was fitted on comes from the trace directories on its card; without them the
+    choice would not know which problems are unseen."""
+    learned = make_filter("position_mlp")
+    learned.card.training = {"trace_dirs": [str(tmp_path / "gone")], "val_share": 0.2}
+    with pytest.raises(FilterError, match="its trace directory '.*gone' is not here"):
+        training_questions(learned.card)
 
 
 def test_validation_split_is_by_problem_and_stable() -> None:
@@ -173,8 +188,8 @@ def test_fit_learns_a_separable_rule() -> None:
     masked = torch.rand(2000, L, generator=gen) < 0.8
     features = block_features(("confidence",), confidence, confidence, confidence, masked)
     data = TraceData(features, (confidence > 0.8).float(), masked, torch.arange(2000) % 5 == 0, [], [])
+    torch.manual_seed(0)  # before the network is built: its initial weights must not depend on earlier tests
     net = FilterNet(FilterConfig("block_mlp", block_length=L, hidden_size=16))
-    torch.manual_seed(0)
     log = fit(net, data, FilterTrainConfig(lr=2e-2, batch_size=64, max_epochs=30, class_weight=False, seed=0))
     assert log["best_val_loss"] < log["val_loss"][0]
     metrics = precision_recall(net, data, 0.5)
@@ -201,6 +216,20 @@ def test_collect_train_and_decode_end_to_end(tmp_path: Path) -> None:
     card = json.loads((tmp_path / "f.json").read_text())
     assert card["training"]["trajectories"] == ["oracle"]
     assert len(card["validation"]["threshold_search"]) == len(ACCEPT_THRESHOLDS)
+    more = tmp_path / "more"
+    assert run_cli("collect-traces", "--task", "arith", "--n", "3", "--data-seed", "5", "--gen-length", "32",
+                   "--out", str(more), "--batch-size", "8").returncode == 0
+    rechosen = run_cli("choose-threshold", "--filter", str(tmp_path / "f.safetensors"), "--traces", str(traces),
+                       str(more), "--out", str(tmp_path / "g.safetensors"))
+    assert rechosen.returncode == 0, rechosen.stderr
+    again = json.loads((tmp_path / "g.json").read_text())
+    fitted_on = {p["question"] for p in read_problems(traces) if not is_validation(p["question"], 0.5)}
+    unseen = {p["question"] for p in read_problems(traces) + read_problems(more)} - fitted_on
+    assert again["validation"]["problems"] == len(unseen) > card["validation"]["problems"]
+    assert again["validation"]["replaces"] == {"accept_threshold": card["accept_threshold"],
+                                               "problems": card["validation"]["problems"]}
+    assert again["accept_threshold"] in ACCEPT_THRESHOLDS and again["training"] == card["training"]
+    assert (tmp_path / "g.safetensors").read_bytes() == (tmp_path / "f.safetensors").read_bytes()
     decoded = run_cli("generate", "--prompt", "Ann has 3 pens. She buys 2 more pens. How many pens does Ann have "
                       "now?", "--policy", "learned", "--filter", str(tmp_path / "f.safetensors"), "--eotp",
                       "--gen-length", "32")

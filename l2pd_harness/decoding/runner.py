@@ -132,4 +132,4 @@ class ModelRunner:
                                            generator=self.generator),
                           reference=reference)
         commit_mask = self.policy(state)
-        return RunnerOutput([r.request_id for r in rows], commit_mask, prediction, computed, state)
+        return RunnerOutput([r.request_id for r in rows], commit_mask, computed, state)

@@ -47,11 +47,9 @@ class RunnerOutput:
     request_ids: list[int]
     commit_mask: torch.Tensor
     """``[B, block_length]`` bool."""
-    prediction: torch.Tensor
-    """``[B, block_length]`` long."""
     positions_computed: list[int]
     state: StepState
-    """What the policy saw (read by trace collection)."""
+    """What the policy saw: ``state.prediction`` is what a commit writes; trace collection reads the rest."""
 
 
 @dataclass
@@ -132,7 +130,7 @@ class Scheduler:
         finished = []
         for row, request_id in enumerate(output.request_ids):
             request = self.running[request_id]
-            self._commit(request, output.commit_mask[row], output.prediction[row])
+            self._commit(request, output.commit_mask[row], output.state.prediction[row])
             request.positions_per_step.append(output.positions_computed[row])
             if self._advance(request):
                 finished.append(self.running.pop(request_id))

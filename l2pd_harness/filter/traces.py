@@ -132,8 +132,11 @@ def read_meta(trace_dir: Path) -> TraceMeta:
     return TraceMeta(**json.loads(trace_file(trace_dir, "meta.json").read_text()))
 
 
+def read_problems(trace_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in trace_file(trace_dir, "problems.jsonl").read_text().splitlines()]
+
+
 def load_traces(trace_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict], TraceMeta]:
     meta = read_meta(trace_dir)
     steps = load_file(str(trace_file(trace_dir, "steps.safetensors")))
-    problems = [json.loads(line) for line in trace_file(trace_dir, "problems.jsonl").read_text().splitlines()]
-    return steps, problems, meta
+    return steps, read_problems(trace_dir), meta

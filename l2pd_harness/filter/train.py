@@ -6,14 +6,16 @@ positive class weighted by negatives/positives when ``class_weight`` is on (off 
 of the traces here are already final, and weighting only shifts the probabilities); early stopping on validation
 loss. The accept threshold is the lowest candidate from which on every decode of the validation problems
 (``learned`` + EoTP, the traces' cache mode) keeps every task's accuracy within ``max_accuracy_drop`` of the
-reference decode.
+reference decode; :func:`rechoose_accept_threshold` makes that choice again for a trained filter on more problems
+it was not fitted on (``l2pd choose-threshold``).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import Learned
 from l2pd_harness.evaluation import grade_rows, iter_decoded
 from l2pd_harness.filter.model import FilterCard, FilterConfig, FilterError, FilterNet, LearnedFilter, block_features
-from l2pd_harness.filter.traces import TraceMeta, is_validation, load_traces
+from l2pd_harness.filter.traces import TraceMeta, is_validation, load_traces, read_problems
 
 ACCEPT_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
 
@@ -73,17 +75,18 @@ class TraceData:
     val_problems: list[dict]
 
 
-def read_trace_dirs(dirs: list[Path], features: tuple[str, ...], val_share: float) -> TraceData:
-    """Load and featurise ``dirs`` (same base model, block length, gen length and cache), split by problem."""
+def read_trace_dirs(dirs: list[Path], features: tuple[str, ...], held_out: Callable[[dict], bool]) -> TraceData:
+    """Load and featurise ``dirs`` (same base model, block length, gen length and cache), split by problem: the
+    problems ``held_out`` picks are the validation problems."""
     parts, metas, val_problems = [], [], {}
     for trace_dir in dirs:
         steps, problems, meta = load_traces(trace_dir)
-        held_out = torch.tensor([is_validation(p["question"], val_share) for p in problems])  # [problems]
+        held_out_rows = torch.tensor([held_out(p) for p in problems])  # [problems]
         parts.append((block_features(features, steps["confidence"], steps["margin"], steps["entropy"],
                                      steps["masked"].bool()), steps["label"].float(), steps["masked"].bool(),
-                      held_out[steps["problem"].long()]))
+                      held_out_rows[steps["problem"].long()]))
         metas.append(meta)
-        val_problems.update({p["question"]: p for p, out in zip(problems, held_out, strict=True) if out})
+        val_problems.update({p["question"]: p for p, out in zip(problems, held_out_rows, strict=True) if out})
     for key in ("base_model", "block_length", "gen_length", "cache"):
         values = {getattr(m, key) for m in metas}
         if len(values) > 1:
@@ -186,7 +189,7 @@ def train_filter(trace_dirs: list[Path], filter_cfg: FilterConfig, cfg: FilterTr
     """The whole ``train-filter`` job: load traces, fit, choose the accept threshold, fill the card."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    data = read_trace_dirs(trace_dirs, filter_cfg.features, cfg.val_share)
+    data = read_trace_dirs(trace_dirs, filter_cfg.features, lambda p: is_validation(p["question"], cfg.val_share))
     meta = data.meta[0]
     if meta.block_length != filter_cfg.block_length:
         raise FilterError(f"traces have block_length={meta.block_length}, the filter config says "
@@ -206,3 +209,42 @@ def train_filter(trace_dirs: list[Path], filter_cfg: FilterConfig, cfg: FilterTr
     learned.card.validation = {"problems": len(data.val_problems), **precision_recall(net, data, threshold),
                                "threshold_search": search}
     return learned
+
+
+def training_questions(card: FilterCard) -> set[str]:
+    """The questions of the problems a filter was fitted on: the training split of the trace directories on its
+    card (paths as ``train-filter`` was given them)."""
+    questions = set()
+    for trace_dir in map(Path, card.training["trace_dirs"]):
+        if not trace_dir.is_dir():
+            raise FilterError(f"cannot tell which problems the filter was trained on: its trace directory "
+                              f"{str(trace_dir)!r} is not here (run from where `train-filter` ran)")
+        questions |= {p["question"] for p in read_problems(trace_dir)
+                      if not is_validation(p["question"], card.training["val_share"])}
+    return questions
+
+
+def rechoose_accept_threshold(learned: LearnedFilter, trace_dirs: list[Path], model, tokenizer, max_drop: float,
+                              batch_size: int = 32) -> LearnedFilter:
+    """``learned`` with its default accept threshold chosen again, as ``train-filter`` chooses it, on every problem
+    of ``trace_dirs`` it was not fitted on (e.g. its own validation problems plus newly collected ones): the
+    weights are unchanged, the card records the new search and the choice it replaces."""
+    trained_on = training_questions(learned.card)
+    data = read_trace_dirs(trace_dirs, learned.card.config.features, lambda p: p["question"] not in trained_on)
+    meta = data.meta[0]
+    if (meta.base_model, meta.block_length, meta.cache) != (learned.card.base_model,
+                                                             learned.card.config.block_length, learned.card.cache):
+        raise FilterError(f"traces are of base model {meta.base_model}, block_length={meta.block_length}, cache="
+                          f"{meta.cache!r}; the filter serves {learned.card.base_model}, block_length="
+                          f"{learned.card.config.block_length}, cache={learned.card.cache!r}")
+    if not data.val_problems:
+        raise FilterError("every problem of these trace directories was used to fit the filter: collect traces on "
+                          "other problems (another --data-seed)")
+    threshold, search = choose_accept_threshold(model, tokenizer, learned, data.val_problems, meta, max_drop,
+                                                batch_size)
+    previous = {"accept_threshold": learned.card.accept_threshold,
+                "problems": learned.card.validation.get("problems")}
+    validation = {"problems": len(data.val_problems), "trace_dirs": [str(d) for d in trace_dirs],
+                  "max_accuracy_drop": max_drop, **precision_recall(learned.net, data, threshold),
+                  "threshold_search": search, "replaces": previous}
+    return LearnedFilter(learned.net, replace(learned.card, accept_threshold=threshold, validation=validation))

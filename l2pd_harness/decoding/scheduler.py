@@ -146,7 +146,8 @@ class Scheduler:
             ends = (commit_mask & torch.isin(prediction, self.eot_ids)).nonzero()
             # Commit everything after the first end-of-text as end-of-text: no pass is spent on it, yet the model
             # still sees the padding it was trained with (dropping the tail instead cost 2.5 arith points at one token
-            # per step).
+            # per step; at gen_length 1024 the ~1,000-token tail costs the tiny model's one-token listops 18 points,
+            # see benchmarks/README.md).
             if len(ends):
                 r.live_length = min(r.live_length, start + int(ends[0]) + 1)
                 r.canvas[r.live_length:] = self.eos_id

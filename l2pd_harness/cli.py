@@ -476,7 +476,10 @@ def run_train_filter(args: argparse.Namespace) -> None:
         raise FilterError(f"traces {str(args.traces[0])!r} come from base model {meta.base_model}, --model is "
                           f"{fingerprint}")
     model, tokenizer = load_model(args.model, device=args.device)
-    learned = train_filter(args.traces, filter_cfg, train_cfg, model, tokenizer, args.decode_batch_size)
+    try:
+        learned = train_filter(args.traces, filter_cfg, train_cfg, model, tokenizer, args.decode_batch_size)
+    except FileNotFoundError as err:  # a later --traces directory without its files
+        raise UsageError(str(err)) from None
     learned.save(args.out)
     card = learned.card
     print(json.dumps({"out": str(args.out), "architecture": filter_cfg.architecture, "features": features,
@@ -516,8 +519,11 @@ def run_choose_threshold(args: argparse.Namespace) -> None:
         raise UsageError(str(err)) from None
     learned = load_filter(args.filter, args.model, block_length)
     model, tokenizer = load_model(args.model, device=args.device)
-    chosen = rechoose_accept_threshold(learned, args.traces, model, tokenizer, args.max_accuracy_drop,
-                                       args.decode_batch_size)
+    try:
+        chosen = rechoose_accept_threshold(learned, args.traces, model, tokenizer, args.max_accuracy_drop,
+                                           args.decode_batch_size)
+    except FileNotFoundError as err:  # a later --traces directory without its files
+        raise UsageError(str(err)) from None
     chosen.save(args.out)
     validation = chosen.card.validation
     print(json.dumps({"out": str(args.out), "accept_threshold": chosen.card.accept_threshold,

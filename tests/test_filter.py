@@ -34,6 +34,7 @@ from l2pd_harness.filter.train import (
     training_questions,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 BATCHES = [1, 2, 32]
 L = 8
 
@@ -174,6 +175,14 @@ def test_threshold_choice_needs_the_filters_own_traces(tmp_path: Path) -> None:
         training_questions(learned.card)
 
 
+def test_a_missing_trace_directory_is_one_line(tmp_path: Path) -> None:
+    for command in (["train-filter", "--architecture", "position_mlp"], ["choose-threshold", "--filter",
+                                                                          str(DEFAULT_FILTER)]):
+        done = run_cli(*command, "--traces", str(ROOT / "results/learn2pd/traces/tr-arith17-oracle-fill"),
+                       str(tmp_path / "nope"), "--out", str(tmp_path / "f.safetensors"))
+        assert done.returncode == 2 and "nope' has no meta.json" in done.stderr.splitlines()[-1], done.stderr
+
+
 def test_validation_split_is_by_problem_and_stable() -> None:
     questions = [f"question {i}" for i in range(400)]
     held_out = [is_validation(q, 0.2) for q in questions]
@@ -198,7 +207,7 @@ def test_fit_learns_a_separable_rule() -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "l2pd_harness.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=ROOT)  # the shipped filter's card names its traces from the repository root
 
 
 def test_collect_train_and_decode_end_to_end(tmp_path: Path) -> None:

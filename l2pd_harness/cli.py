@@ -469,17 +469,14 @@ def run_train_filter(args: argparse.Namespace) -> None:
                                       patience=args.patience, val_share=args.val_share,
                                       class_weight=args.class_weight, max_accuracy_drop=args.max_accuracy_drop,
                                       seed=args.seed)
-    except (FileNotFoundError, ValueError) as err:
+    except ValueError as err:  # a bad setting, or a trace directory without its files (TraceError)
         raise UsageError(str(err)) from None
     fingerprint = model_fingerprint(resolve_checkpoint(args.model))
     if meta.base_model != fingerprint:
         raise FilterError(f"traces {str(args.traces[0])!r} come from base model {meta.base_model}, --model is "
                           f"{fingerprint}")
     model, tokenizer = load_model(args.model, device=args.device)
-    try:
-        learned = train_filter(args.traces, filter_cfg, train_cfg, model, tokenizer, args.decode_batch_size)
-    except FileNotFoundError as err:  # a later --traces directory without its files
-        raise UsageError(str(err)) from None
+    learned = train_filter(args.traces, filter_cfg, train_cfg, model, tokenizer, args.decode_batch_size)
     learned.save(args.out)
     card = learned.card
     print(json.dumps({"out": str(args.out), "architecture": filter_cfg.architecture, "features": features,
@@ -513,17 +510,10 @@ def run_choose_threshold(args: argparse.Namespace) -> None:
     from l2pd_harness.filter.train import rechoose_accept_threshold
     from l2pd_harness.loading import load_model
 
-    try:
-        block_length = read_meta(args.traces[0]).block_length
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
-    learned = load_filter(args.filter, args.model, block_length)
+    learned = load_filter(args.filter, args.model, read_meta(args.traces[0]).block_length)
     model, tokenizer = load_model(args.model, device=args.device)
-    try:
-        chosen = rechoose_accept_threshold(learned, args.traces, model, tokenizer, args.max_accuracy_drop,
-                                           args.decode_batch_size)
-    except FileNotFoundError as err:  # a later --traces directory without its files
-        raise UsageError(str(err)) from None
+    chosen = rechoose_accept_threshold(learned, args.traces, model, tokenizer, args.max_accuracy_drop,
+                                       args.decode_batch_size)
     chosen.save(args.out)
     validation = chosen.card.validation
     print(json.dumps({"out": str(args.out), "accept_threshold": chosen.card.accept_threshold,

@@ -24,9 +24,14 @@ from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import Policy
 from l2pd_harness.decoding.scheduler import RunnerOutput, SchedulerOutput
 from l2pd_harness.evaluation import grade_rows, iter_decoded
+from l2pd_harness.filter.model import FilterError
 from l2pd_harness.jsonl import save_tensors_atomic, write_atomic
 
 TRAJECTORIES = ("reference", "oracle", "learned")
+
+
+class TraceError(FilterError):
+    """A trace directory without the files ``collect-traces`` writes (reported by the CLI as a usage error)."""
 
 
 @dataclass
@@ -123,8 +128,7 @@ def save_traces(out_dir: Path, steps: dict[str, torch.Tensor], problems: list[di
 
 def trace_file(trace_dir: Path, name: str) -> Path:
     if not (trace_dir / name).is_file():
-        raise FileNotFoundError(f"trace directory {str(trace_dir)!r} has no {name} (write one with "
-                                "`l2pd collect-traces`)")
+        raise TraceError(f"trace directory {str(trace_dir)!r} has no {name} (write one with `l2pd collect-traces`)")
     return trace_dir / name
 
 

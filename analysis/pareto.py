@@ -4,19 +4,18 @@
 
 ``RUNS_DIR`` holds one lm-eval output directory per configuration (as ``analysis/sweep.py`` writes them): the
 ``results_*.json`` of lm-eval (accuracy, its standard error, the l2pd settings from ``get_model_info``) and the
-``steps_rank<r>_*.jsonl`` step logs of the l2pd model. Output: ``runs.csv`` (one row per configuration and
-task), ``table.md``, and per task ``<task>_pareto.png``.
+``steps_rank<r>_*.jsonl`` step logs of the l2pd model; a directory with more than one results file (a
+configuration run twice) is refused. Output: ``runs.csv`` (one row per configuration and task), ``table.md``, and
+per task ``<task>_pareto.png``.
 
-Counting rule (the only place speed is computed): tokens per forward = committed canvas positions / forward passes;
-tokens per second = generated tokens (before the first end-of-text) / wall time, the wall time spanning the first
-request's start to the last one's end over all ranks.
+Speed and accuracy are counted by the package's one rule, :func:`l2pd_harness.steplog.summarise` (the benchmark
+uses the same).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -25,8 +24,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from l2pd_harness.cli import OneLineParser  # noqa: E402
+from l2pd_harness.decoding.policies import POLICIES  # noqa: E402
+from l2pd_harness.files import FileFormatError, iter_jsonl, read_json  # noqa: E402
+from l2pd_harness.steplog import StepLogRow, summarise  # noqa: E402
+
 AUP_DROP = 5.0  # accuracy points below a curve's first point past which its points no longer count
 PREFERRED_FILTERS = ("strict-match", "none", "exact")
+SETTINGS_COLUMNS = ("policy", "threshold", "factor", "eotp", "cache", "gen_length", "steps")
+SETTINGS_READ = (*SETTINGS_COLUMNS, "accept_threshold")  # what the table reads of a run's l2pd settings
+REQUEST_FIELDS = ("task", "doc_id", "repeat")  # which request a step-log row belongs to
 
 
 def family_of(settings: dict) -> str:
@@ -36,61 +43,93 @@ def family_of(settings: dict) -> str:
 
 
 def knob_of(settings: dict) -> str:
-    """What moves a configuration along its family's curve."""
-    policy = settings["policy"]
-    if policy == "fixed":
-        return f"{settings['gen_length'] // settings['steps']} tok/step"
-    if policy == "threshold":
-        return f"threshold {settings['threshold']}"
-    if policy == "factor":
-        return f"factor {settings['factor']}"
-    if policy == "learned":
-        return f"accept {settings['accept_threshold']}"
-    return policy
+    """What moves a configuration along its family's curve (each policy's own label)."""
+    return POLICIES[settings["policy"]].setting(settings)
 
 
-def accuracy_of(task_result: dict) -> tuple[float, float]:
-    """``(accuracy, stderr)`` from lm-eval's metrics of one task, preferring the strict filter."""
+def accuracy_of(task_result: dict, where: str) -> tuple[float, float]:
+    """``(accuracy, stderr)`` from lm-eval's metrics of one task (``where``, for the error), preferring the strict
+    filter. lm-eval writes the stderr as ``"N/A"`` when it cannot compute one (a single document)."""
     for name in PREFERRED_FILTERS:
         if f"exact_match,{name}" in task_result:
-            return task_result[f"exact_match,{name}"], task_result.get(f"exact_match_stderr,{name}", math.nan)
-    raise ValueError(f"no exact_match metric among {sorted(task_result)}")
+            accuracy, stderr = task_result[f"exact_match,{name}"], task_result.get(f"exact_match_stderr,{name}")
+            if isinstance(accuracy, bool) or not isinstance(accuracy, int | float):
+                raise FileFormatError(f"{where}: exact_match,{name} {accuracy!r} is not a number")
+            return accuracy, stderr if isinstance(stderr, int | float) else math.nan
+    raise FileFormatError(f"{where} has no exact_match metric among {sorted(task_result)}")
 
 
-def read_step_logs(run_dir: Path, task: str) -> pd.DataFrame:
-    rows = [row for path in sorted(run_dir.glob("steps_rank*.jsonl"))
-            for row in map(json.loads, path.read_text().splitlines()) if row["task"] == task]
-    if not rows:
-        raise FileNotFoundError(f"{run_dir} has no step log rows of task {task!r} (steps_rank*.jsonl)")
-    return pd.DataFrame(rows).drop_duplicates(["doc_id", "repeat"], keep="last")
+def read_results(path: Path) -> tuple[dict, dict[str, dict]]:
+    """The l2pd settings and the per-task metrics of one lm-eval results file."""
+    results = read_json(path, "lm-eval results")
+    config = results.get("config")
+    settings = config.get("l2pd_settings") if isinstance(config, dict) else None
+    if not isinstance(settings, dict):
+        raise FileFormatError(f"lm-eval results {str(path)!r} has no config.l2pd_settings mapping: not a run of "
+                              "the l2pd model")
+    missing = [name for name in SETTINGS_READ if name not in settings]
+    if missing:
+        raise FileFormatError(f"lm-eval results {str(path)!r}: config.l2pd_settings lacks {missing}")
+    tasks = results.get("results")
+    if not isinstance(tasks, dict) or not tasks or not all(isinstance(metrics, dict) for metrics in tasks.values()):
+        raise FileFormatError(f"lm-eval results {str(path)!r} has no 'results' mapping of tasks to metrics")
+    return settings, tasks
 
 
-def speed_metrics(steps: pd.DataFrame) -> dict:
-    """The counting rule: see the module docstring."""
-    started = (steps["finished_at"] - steps["latency_s"]).min()
-    wall = steps["finished_at"].max() - started
-    return {"n_logged": len(steps), "mean_nfe": steps["nfe"].mean(),
-            "tokens_per_forward": steps["tokens_per_step"].map(sum).sum() / steps["nfe"].sum(),
-            "tokens_per_s": steps["generated_tokens"].sum() / wall, "wall_s": wall,
-            "latency_p50_s": steps["latency_s"].quantile(0.5), "latency_p95_s": steps["latency_s"].quantile(0.95)}
+def results_files(runs_dir: Path) -> list[Path]:
+    """The lm-eval results file of every configuration directory under ``runs_dir``."""
+    by_run: dict[Path, list[Path]] = {}
+    for path in sorted(runs_dir.glob("**/results_*.json")):
+        by_run.setdefault(path.parent.parent, []).append(path)  # lm-eval writes into <output_path>/<model name>/
+    if not by_run:
+        raise FileFormatError(f"no lm-eval results_*.json under {str(runs_dir)!r}")
+    for run_dir, paths in by_run.items():
+        if len(paths) > 1:
+            raise FileFormatError(
+                f"configuration directory {str(run_dir)!r} holds {len(paths)} lm-eval results files "
+                f"{[path.relative_to(run_dir).as_posix() for path in paths]}: it was run more than once and its step "
+                "logs mix the runs; delete the directory and rerun analysis/sweep.py to redo it")
+    return [paths[0] for paths in by_run.values()]
+
+
+def step_rows(path: Path) -> Iterator[dict]:
+    """The rows of one step log, each checked for the fields that say which request it belongs to."""
+    for number, row in enumerate(iter_jsonl(path, "step log"), start=1):
+        missing = [name for name in REQUEST_FIELDS if name not in row]
+        if missing:
+            raise FileFormatError(f"step log {str(path)!r} row {number} lacks {missing}")
+        yield row
+
+
+def read_step_logs(run_dir: Path, task: str) -> list[StepLogRow]:
+    """The step logs of ``task`` in a configuration directory, one per request (the last, if it was logged twice)."""
+    by_request = {(row["doc_id"], row["repeat"]): StepLogRow.from_row(row, f"step log row of {str(run_dir)!r}")
+                  for path in sorted(run_dir.glob("steps_rank*.jsonl")) for row in step_rows(path)
+                  if row["task"] == task}
+    if not by_request:
+        raise FileFormatError(f"{str(run_dir)!r} has no step log rows of task {task!r} (steps_rank*.jsonl)")
+    return list(by_request.values())
+
+
+def speed_metrics(logs: list[StepLogRow]) -> dict:
+    """The one counting rule (:func:`l2pd_harness.steplog.summarise`) as table columns."""
+    summary = summarise(logs)
+    return {"n_logged": summary.n, **{key: getattr(summary, key) for key in (
+        "mean_nfe", "tokens_per_forward", "tokens_per_s", "wall_s", "latency_p50_s", "latency_p95_s")}}
 
 
 def load_runs(runs_dir: Path) -> pd.DataFrame:
     """One row per configuration and task."""
     records = []
-    for results_path in sorted(runs_dir.glob("**/results_*.json")):
-        results = json.loads(results_path.read_text())
-        settings = results["config"]["l2pd_settings"]
-        run_dir = results_path.parent.parent  # lm-eval writes into <output_path>/<model name>/
-        for task, task_result in results["results"].items():
-            accuracy, stderr = accuracy_of(task_result)
+    for results_path in results_files(runs_dir):
+        settings, tasks = read_results(results_path)
+        run_dir = results_path.parent.parent
+        for task, task_result in tasks.items():
+            accuracy, stderr = accuracy_of(task_result, f"lm-eval results {str(results_path)!r} task {task!r}")
             records.append({"run": run_dir.name, "task": task, "family": family_of(settings),
-                            "knob": knob_of(settings), **{k: settings[k] for k in (
-                                "policy", "threshold", "factor", "eotp", "cache", "gen_length", "steps")},
+                            "knob": knob_of(settings), **{k: settings[k] for k in SETTINGS_COLUMNS},
                             "accuracy": 100 * accuracy, "accuracy_stderr": 100 * stderr,
                             **speed_metrics(read_step_logs(run_dir, task))})
-    if not records:
-        raise FileNotFoundError(f"no lm-eval results_*.json under {runs_dir}")
     return add_baseline_ratios(pd.DataFrame(records))
 
 
@@ -180,14 +219,17 @@ def plot_task(frame: pd.DataFrame, task: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", type=Path, help="directory of lm-eval runs (one per configuration)")
     parser.add_argument("--out", type=Path, required=True, help="directory for runs.csv, table.md and plots")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.runs_dir.is_dir():
         parser.error(f"RUNS_DIR {str(args.runs_dir)!r} is not a directory")
-    frame = load_runs(args.runs_dir)
+    try:
+        frame = load_runs(args.runs_dir)
+    except ValueError as err:  # a FileFormatError naming the file, or runs the table cannot be made of
+        parser.error(str(err))
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "runs.csv", index=False)
     (args.out / "table.md").write_text(markdown_table(frame))

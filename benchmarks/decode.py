@@ -1,9 +1,10 @@
 """Decode benchmark: every policy x EoTP x KV cache on held-out problems of each task, on one machine, one run.
 
 For each configuration: accuracy, mean forward passes (NFE) per sample, tokens committed per forward pass,
-generated tokens per second (response tokens before the first end-of-text, over the run's wall time), p50/p95
-per-sample latency, speedups against the baseline (``fixed``, one token per step, no EoTP, no cache), and how
-often a cached run's output equals the same policy's ``cache=none`` output.
+generated tokens per second, p50/p95 per-sample latency (all by the package's one counting rule,
+:func:`l2pd_harness.steplog.summarise`, which analysis/pareto.py uses too), speedups against the baseline
+(``fixed``, one token per step, no EoTP, no cache), and how often a cached run's output equals the same policy's
+``cache=none`` output.
 
 Results go to ``benchmarks/results/decode.json`` after every configuration and task (written atomically; a rerun
 skips what is already there, so an interrupted run resumes; ``--redo RUN`` measures a run again) and the table to
@@ -28,16 +29,15 @@ from pathlib import Path
 import torch
 
 from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.decoding.policies import Learned, Policy, StepState
-from l2pd_harness.evaluation import grade_rows, iter_decoded
+from l2pd_harness.decoding.policies import Policy, StepState
+from l2pd_harness.evaluation import iter_decoded, summarise_rows
+from l2pd_harness.files import read_json, read_jsonl, write_atomic
 from l2pd_harness.filter.model import LearnedFilter, load_filter
-from l2pd_harness.jsonl import write_atomic
 from l2pd_harness.loading import load_model
+from l2pd_harness.settings import coerce, decode_setup, make_config
 from l2pd_harness.tasks import TASKS, sample_problems
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_KNOB = {"threshold": 0.9, "factor": 1.0}
-"""The knob of each policy that has one (``learned``: the accept threshold, default the filter's own)."""
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,6 @@ def grid(policies: list[str], caches: list[str], eotps: list[bool], knobs: dict[
                                          eotps.index(run.eotp), caches.index(run.cache)))
 
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 class ForwardTimer:
     """Wall time spent inside the model's forward passes (hooks), to set the filter's cost against."""
 
@@ -118,30 +114,18 @@ class TimedFilter:
 
 
 def decode_task(model, tokenizer, problems: list[dict], cfg: DecodeConfig, rows_path: Path,
-                references: list[list[int]] | None, policy: Policy | None, desc: str) -> tuple[list[dict], float]:
-    """Decode one task's problems; returns the rows (also written to ``rows_path``) and the wall time."""
-    start = time.perf_counter()
+                references: list[list[int]] | None, policy: Policy | None, desc: str) -> list[dict]:
+    """Decode one task's problems; returns the rows (with their step logs), also written to ``rows_path``."""
     rows = list(iter_decoded(model, tokenizer, problems, cfg, references=references, desc=desc, policy=policy))
-    wall = time.perf_counter() - start
     write_atomic(rows_path, "".join(json.dumps(row) + "\n" for row in rows))
-    return rows, wall
+    return rows
 
 
-def summarise(rows: list[dict], wall_s: float, same_policy_rows: list[dict] | None) -> dict:
-    nfe = [row["nfe"] for row in rows]
-    latency = sorted(row["latency_s"] for row in rows)
-    summary = {
-        "n": len(rows),
-        "accuracy": sum(grade_rows(rows)) / len(rows),
-        "mean_nfe": statistics.fmean(nfe),
-        "tokens_per_forward": sum(sum(row["tokens_per_step"]) for row in rows) / sum(nfe),
-        "positions_per_sample": statistics.fmean(sum(row["positions_per_step"]) for row in rows),
-        "generated_tokens": sum(row["generated_tokens"] for row in rows),
-        "wall_s": wall_s,
-        "tokens_per_s": sum(row["generated_tokens"] for row in rows) / wall_s,
-        "latency_p50_s": statistics.median(latency),
-        "latency_p95_s": latency[min(len(latency) - 1, round(0.95 * (len(latency) - 1)))],
-    }
+def summarise(rows: list[dict], same_policy_rows: list[dict] | None) -> dict:
+    """The one counting rule over the rows' step logs, plus what only the benchmark reports: positions computed
+    per sample and how often a cached run's text equals the same policy's uncached text."""
+    summary = {**summarise_rows(rows).as_row(),
+               "positions_per_sample": statistics.fmean(sum(row["positions_per_step"]) for row in rows)}
     if same_policy_rows is not None:
         same = sum(a["text"] == b["text"] for a, b in zip(rows, same_policy_rows, strict=True))
         summary["matches_cache_none"] = same / len(rows)
@@ -232,39 +216,36 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def load_filters(spec: str, args: argparse.Namespace) -> dict[str, LearnedFilter]:
-    """``NAME=PATH`` checkpoints (``shipped``: the tiny model's own), checked against the model."""
-    filters = {}
-    for item in filter(None, spec.split(",")):
-        name, _, path = item.partition("=")
-        filters[name] = load_filter(path or None, args.model, args.block_length)
-    return filters
+def filter_paths(spec: str) -> dict[str, str | None]:
+    """``NAME=PATH`` checkpoints (``shipped``: the tiny model's own, path ``None``)."""
+    return {name: path or None for name, _, path in (item.partition("=") for item in filter(None, spec.split(",")))}
 
 
 def main() -> None:
     args = parse_args()
     tasks, policies, caches = args.tasks.split(","), args.policies.split(","), args.caches.split(",")
-    eotps = [{"no": False, "yes": True}[value] for value in args.eotp.split(",")]
+    eotps = [coerce("--eotp", value, bool) for value in args.eotp.split(",")]
     for task in tasks:
         if task not in TASKS:
             raise SystemExit(f"--tasks: unknown task {task!r} (choose from {sorted(TASKS)})")
     model, tokenizer = load_model(args.model, device=args.device)
-    filters = load_filters(args.filters, args) if "learned" in policies else {}
+    filters = filter_paths(args.filters) if "learned" in policies else {}
     knobs = {"threshold": args.thresholds, "factor": args.factors,
-             **{name: args.accept_thresholds or [f.card.accept_threshold] for name, f in filters.items()}}
+             **{name: args.accept_thresholds or [load_filter(path, args.model, args.block_length).card.accept_threshold]
+                for name, path in filters.items()}}
     setup = {"n": args.n, "data_seed": args.data_seed, "gen_length": args.gen_length,
              "block_length": args.block_length, "batch_size": args.batch_size, "dtype": "float32",
              "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores "
                         f"({args.device})".replace("  ", " "),
              "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {"setup": setup, "runs": {}}
+    results = read_json(args.out, "--out results") if args.out.exists() else {"setup": setup, "runs": {}}
     if results["setup"] != setup:
         raise SystemExit(f"{args.out} holds results of another setup {results['setup']}; move it away first")
     problems = {task: sample_problems(task, "test", args.n, args.data_seed) for task in tasks}
     timer = ForwardTimer(model)
     with torch.no_grad():  # warm-up (a few passes), so the first timed run does not pay for lazy initialisation
-        list(iter_decoded(model, tokenizer, problems[tasks[0]][:2], DecodeConfig(
-            gen_length=args.gen_length, block_length=args.block_length, policy="threshold", eotp=True)))
+        list(iter_decoded(model, tokenizer, problems[tasks[0]][:2], make_config(
+            {"gen_length": args.gen_length, "block_length": args.block_length, "policy": "threshold", "eotp": True})))
     for name in args.redo:
         if name not in results["runs"]:
             raise SystemExit(f"--redo {name!r}: no such run in {args.out} (runs: {sorted(results['runs'])})")
@@ -274,21 +255,25 @@ def main() -> None:
         record = results["runs"].get(run.name, {**asdict(run), "tasks": {}})
         if all(task in record["tasks"] for task in tasks):
             continue
-        cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=run.policy,
-                           eotp=run.eotp, cache=run.cache, batch_size=args.batch_size,
-                           **({run.policy: run.knob} if run.policy in DEFAULT_KNOB else {}))
+        knob = {"threshold": "threshold", "factor": "factor", "learned": "accept_threshold"}.get(run.policy)
+        cfg, policy = decode_setup({"gen_length": args.gen_length, "block_length": args.block_length,
+                                    "policy": run.policy, "eotp": run.eotp, "cache": run.cache,
+                                    "batch_size": args.batch_size, **({knob: run.knob} if knob else {}),
+                                    **({"filter": filters[run.filter]} if run.policy == "learned" else {})},
+                                   args.model)
         for task in [t for t in tasks if t not in record["tasks"]]:
             rows_dir = args.rows_dir / task
             baseline_rows = rows_dir / (BASELINE.name.replace("/", "-") + ".jsonl")
-            references = [row["canvas"] for row in read_rows(baseline_rows)] if run.policy == "oracle" else None
-            timed = TimedFilter(filters[run.filter]) if run.policy == "learned" else None
-            policy = None if timed is None else Learned(timed, run.knob)
+            references = ([row["canvas"] for row in read_jsonl(baseline_rows, "baseline rows")]
+                          if run.policy == "oracle" else None)
+            timed = TimedFilter(policy.filter) if run.policy == "learned" else None
+            task_policy = policy if timed is None else replace(policy, filter=timed)
             forward_before = timer.seconds
-            rows, wall = decode_task(model, tokenizer, problems[task], cfg, rows_dir / (run.name.replace("/", "-")
-                                     + ".jsonl"), references, policy, desc=f"{run.name} {task}")
+            rows = decode_task(model, tokenizer, problems[task], cfg, rows_dir / (run.name.replace("/", "-")
+                               + ".jsonl"), references, task_policy, desc=f"{run.name} {task}")
             uncached = rows_dir / (run.uncached().name.replace("/", "-") + ".jsonl")
             compare = run.cache != "none" and uncached.is_file()  # the same variant without a cache, if measured
-            record["tasks"][task] = summarise(rows, wall, read_rows(uncached) if compare else None)
+            record["tasks"][task] = summarise(rows, read_jsonl(uncached, "uncached rows") if compare else None)
             if timed is not None:
                 record["tasks"][task].update(filter_s=timed.seconds, forward_s=timer.seconds - forward_before)
             results["runs"][run.name] = record

@@ -7,12 +7,14 @@ import argparse
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from l2pd_harness.jsonl import JsonlWriter
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.files import JsonlWriter, read_json, read_jsonl
+from l2pd_harness.lm_eval_tasks import TASKS_DIR
 from l2pd_harness.loading import DTYPES
+from l2pd_harness.settings import add_config_options, argument_type, option_values
 
 
 class UsageError(Exception):
@@ -26,57 +28,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def add_field_options(p: argparse.ArgumentParser, config_cls: type, names: tuple[str, ...], kind) -> None:
-    """One ``--option`` per dataclass field in ``names``, typed by ``kind``, its help the field's docstring."""
-    defaults, docs = config_cls(), field_docs(config_cls)
-    for name in names:
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
-                       help=f"{docs[name]} ({getattr(defaults, name)})")
+positive_int = argument_type("value", int, positive=True)
+MODEL_HELP = "checkpoint directory or hub id in the local HF cache (default: the shipped tiny model)"
 
 
 def add_decode_options(p: argparse.ArgumentParser) -> None:
-    """Options of the decode engine and the model, shared by ``generate`` and ``evaluate``."""
-    from l2pd_harness.decoding.config import CACHES, POLICIES, REMASKING, DecodeConfig
-
-    defaults, docs = DecodeConfig(), field_docs(DecodeConfig)
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory or hub id in the local HF cache (default: the shipped tiny model)")
-    p.add_argument("--policy", default=defaults.policy, choices=POLICIES, help=f"{docs['policy']} (fixed)")
-    add_field_options(p, DecodeConfig, ("gen_length", "block_length", "batch_size"), positive_int)
-    p.add_argument("--steps", type=positive_int, default=None, help=docs["steps"])
-    p.add_argument("--remasking", default=defaults.remasking, choices=REMASKING,
-                   help=f"{docs['remasking']} ({defaults.remasking})")
-    add_field_options(p, DecodeConfig, ("threshold", "factor", "temperature"), float)
-    p.add_argument("--eotp", action=argparse.BooleanOptionalAction, default=defaults.eotp,
-                   help=f"{docs['eotp']} (off)")
-    p.add_argument("--cache", default=defaults.cache, choices=CACHES, help=f"{docs['cache']} ({defaults.cache})")
+    """Options of the decode engine (every :class:`DecodeConfig` field) and the model, shared by ``generate`` and
+    ``evaluate``."""
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_config_options(p, DecodeConfig)
     p.add_argument("--references", type=Path, default=None,
                    help="policy oracle: an earlier `l2pd generate` output over the same prompts (its 'canvas')")
-    add_filter_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random choices (0)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (cpu)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="feed prompts raw instead of as a user turn of the tokenizer's chat template")
-
-
-def add_filter_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--filter", type=Path, default=None,
-                   help="policy learned: filter checkpoint from `l2pd train-filter` (default: the filter shipped "
-                        "with the tiny model, when decoding that model)")
-    p.add_argument("--accept-threshold", type=float, default=None,
-                   help="policy learned: commit masked positions whose filter probability exceeds this "
-                        "(default: the filter's own, chosen on validation problems)")
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -102,25 +68,6 @@ def read_requests(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def read_jsonl(path: Path, option: str) -> list[dict]:
-    if not path.is_file():
-        raise UsageError(f"{option} {str(path)!r} does not exist")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def decode_config(args: argparse.Namespace):
-    from l2pd_harness.decoding.config import DecodeConfig
-
-    try:
-        cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=args.policy,
-                           steps=args.steps, remasking=args.remasking, threshold=args.threshold,
-                           factor=args.factor, eotp=args.eotp, cache=args.cache, temperature=args.temperature,
-                           seed=args.seed, batch_size=args.batch_size)
-        return cfg if args.accept_threshold is None else replace(cfg, accept_threshold=args.accept_threshold)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-
 def read_references(args: argparse.Namespace, count: int) -> list[list[int]] | None:
     """The oracle's targets: the ``canvas`` of each row of ``--references`` (required by, and only for, oracle)."""
     if args.policy != "oracle":
@@ -137,23 +84,28 @@ def read_references(args: argparse.Namespace, count: int) -> list[list[int]] | N
     return [row["canvas"] for row in rows]
 
 
-def decoded_rows(args: argparse.Namespace, requests: list[dict], desc: str) -> Iterator[dict]:
-    """Check the settings, load the model, and return the decoded ``requests`` as an iterator in input order
-    (nothing is written before the settings are known to be good)."""
+def decoded_rows(args: argparse.Namespace, requests: list[dict], desc: str) -> tuple[DecodeConfig, Iterator[dict]]:
+    """Check the settings, load the model, and return the config and the decoded ``requests`` as an iterator in
+    input order (nothing is written before the settings are known to be good)."""
     from l2pd_harness.evaluation import iter_decoded
-    from l2pd_harness.filter.model import decode_policy
     from l2pd_harness.loading import load_model
+    from l2pd_harness.settings import decode_setup
 
-    cfg, policy = decode_policy(decode_config(args), args.filter, args.model, args.accept_threshold)
+    cfg, policy = decode_setup(option_values(args, DecodeConfig), args.model, DecodeConfig)
     references = read_references(args, len(requests))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    return iter_decoded(model, tokenizer, requests, cfg, args.chat_template, references, desc=desc, policy=policy)
+    return cfg, iter_decoded(model, tokenizer, requests, cfg, args.chat_template, references, desc=desc,
+                             policy=policy)
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    if args.input is not None and args.output is not None and args.output.resolve() == args.input.resolve():
+        raise UsageError(f"--output {str(args.output)!r} is the --input file: it would be replaced; give another "
+                         "path")
     requests = read_requests(args)
-    with JsonlWriter(args.output) as out:
-        for row in decoded_rows(args, requests, "generate"):
+    _, rows = decoded_rows(args, requests, "generate")
+    with JsonlWriter(args.output) as out, contextlib.closing(rows):  # closing ends the progress bar first
+        for row in rows:
             out.write(row)
 
 
@@ -196,35 +148,27 @@ def add_grade_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_grade(args: argparse.Namespace) -> None:
-    from l2pd_harness.evaluation import grade_rows
+    from l2pd_harness.evaluation import grade_rows, summarise_rows
 
     rows = read_jsonl(args.input, "--input")
     for number, row in enumerate(rows, start=1):
         missing = [key for key in ("task", "text", "answer") if key not in row]
         if missing:
             raise UsageError(f"--input {str(args.input)!r} row {number} lacks {missing}")
-        task_name(row["task"])
-    correct = grade_rows(rows)
+        if not isinstance(row["text"], str) or not isinstance(row["answer"], str):
+            raise UsageError(f"--input {str(args.input)!r} row {number}: 'text' and 'answer' must be strings")
+        try:
+            task_name(row["task"])
+        except argparse.ArgumentTypeError as err:
+            raise UsageError(f"--input {str(args.input)!r} row {number}: {err}") from None
     report = {}
     for task in sorted({row["task"] for row in rows}):
-        marks = [c for row, c in zip(rows, correct, strict=True) if row["task"] == task]
-        nfe = [row["nfe"] for row in rows if row["task"] == task and "nfe" in row]
-        report[task] = {"n": len(marks), "accuracy": round(sum(marks) / len(marks), 4),
-                        "mean_nfe": sum(nfe) / len(nfe) if nfe else None}
+        mine = [row for row in rows if row["task"] == task]
+        if all("nfe" in row for row in mine):  # `l2pd generate` output: accuracy and speed by the one rule
+            report[task] = summarise_rows(mine).as_row()
+        else:
+            report[task] = {"n": len(mine), "accuracy": sum(grade_rows(mine)) / len(mine)}
     print(json.dumps(report, indent=2))
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source (one description, used as --help)."""
-    import ast
-    import inspect
-    import textwrap
-
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {node.target.id: " ".join(after.value.value.split())
-            for node, after in zip(body, body[1:], strict=False)
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)}
 
 
 def add_train_base_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -235,14 +179,12 @@ def add_train_base_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Train a tiny LLaDA-architecture model on the synthetic tasks with LLaDA's SFT objective; "
                     "writes a Hugging Face-layout checkpoint (config.json, model.safetensors, tokenizer) that "
                     "load_model() reads. Checkpoints every --checkpoint-every steps; --resume continues.")
-    defaults, docs = BaseTrainConfig(), field_docs(BaseTrainConfig)
-    p.add_argument("--task", default=",".join(defaults.tasks), help="comma-separated tasks (arith,listops)")
+    tasks = ",".join(BaseTrainConfig().tasks)
+    p.add_argument("--task", default=tasks, help=f"comma-separated tasks ({tasks})")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
-    add_field_options(p, BaseTrainConfig, ("steps", "warmup", "tokens_per_batch", "min_gen_length", "max_gen_length",
-                                           "d_model", "n_layers", "n_heads", "mlp_hidden_size",
-                                           "max_sequence_length", "checkpoint_every"), positive_int)
-    add_field_options(p, BaseTrainConfig, ("lr", "weight_decay", "long_share", "eps"), float)
-    p.add_argument("--seed", type=int, default=defaults.seed, help=f"{docs['seed']} ({defaults.seed})")
+    add_config_options(p, BaseTrainConfig, ("steps", "warmup", "tokens_per_batch", "min_gen_length", "max_gen_length",
+                                            "d_model", "n_layers", "n_heads", "mlp_hidden_size", "max_sequence_length",
+                                            "checkpoint_every", "lr", "weight_decay", "long_share", "eps", "seed"))
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers building batches ahead (0)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -287,21 +229,22 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from l2pd_harness.evaluation import summarise
+    from l2pd_harness.evaluation import summarise_rows
     from l2pd_harness.tasks import sample_problems
 
     problems = sample_problems(args.task, args.split, args.n, args.data_seed)
     rows = []
-    with JsonlWriter(args.output) if args.output is not None else contextlib.nullcontext() as out:
-        for row in decoded_rows(args, problems, f"evaluate {args.task}"):
+    cfg, decoded = decoded_rows(args, problems, f"evaluate {args.task}")
+    with JsonlWriter(args.output) if args.output is not None else contextlib.nullcontext() as out, \
+            contextlib.closing(decoded):
+        for row in decoded:
             rows.append(row)
             if out is not None:
                 out.write(row)  # as they come, so a crash keeps the finished rows
-    print(json.dumps(summarise(args.task, rows, decode_config(args)).as_row()))
+    print(json.dumps({"task": args.task, "gen_length": cfg.gen_length, **summarise_rows(rows).as_row()}))
 
 
 def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:
-    from l2pd_harness.decoding.config import CACHES
     from l2pd_harness.filter.traces import TRAJECTORIES
 
     p = subparsers.add_parser(
@@ -320,36 +263,27 @@ def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--references", type=Path, action="append", default=None,
                    help="an earlier reference decode of the same problems (`l2pd generate --steps GEN_LENGTH` "
                         "output, tasks in --task order; repeat per file), instead of decoding them again")
-    p.add_argument("--cache", default="none", choices=CACHES, help="KV cache of the trajectory decode (none)")
-    p.add_argument("--eotp", action=argparse.BooleanOptionalAction, default=True,
-                   help="End-of-Text Prediction in the trajectory decode (on)")
-    add_filter_options(p)
-    for name, default in (("gen_length", 256), ("block_length", 32), ("batch_size", 32)):
-        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=default, help=f"({default})")
-    p.add_argument("--model", default=None, help="checkpoint (default: the shipped tiny model)")
+    add_config_options(p, DecodeConfig, ("gen_length", "block_length", "batch_size", "cache", "eotp", "filter",
+                                         "accept_threshold"), defaults={"eotp": True, "batch_size": 32})
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.set_defaults(func=run_collect_traces)
 
 
 def run_collect_traces(args: argparse.Namespace) -> None:
-    from l2pd_harness.decoding.config import DecodeConfig
-    from l2pd_harness.filter.model import decode_policy
-    from l2pd_harness.filter.traces import TraceMeta, collect, save_traces
-    from l2pd_harness.loading import load_model, model_fingerprint, resolve_checkpoint
+    from l2pd_harness.filter.traces import collect, save_traces, trace_meta
+    from l2pd_harness.loading import load_model
+    from l2pd_harness.settings import decode_setup
     from l2pd_harness.tasks import sample_problems
 
     tasks = [task_name(t) for t in args.task.split(",")]
     problems = [row for task in tasks for row in sample_problems(task, "train", args.n, args.data_seed)]
-    policy = {"reference": "fixed", "oracle": "oracle", "learned": "learned"}[args.trajectory]
-    try:
-        cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, policy=policy,
-                           eotp=args.eotp and args.trajectory != "reference",
-                           cache=args.cache, batch_size=args.batch_size)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
     if args.trajectory == "reference" and (args.cache != "none" or args.references):
         raise UsageError("--trajectory reference records the reference decode itself: no --cache, no --references")
-    cfg, policy_fn = decode_policy(cfg, args.filter, args.model, args.accept_threshold)
+    policy = {"reference": "fixed", "oracle": "oracle", "learned": "learned"}[args.trajectory]
+    values = {**option_values(args, DecodeConfig), "policy": policy,
+              "eotp": args.eotp and args.trajectory != "reference"}
+    cfg, policy_fn = decode_setup(values, args.model)
     references = None
     if args.references:
         references = [row for path in args.references for row in read_jsonl(path, "--references")]
@@ -359,13 +293,7 @@ def run_collect_traces(args: argparse.Namespace) -> None:
                              f"{args.data_seed}) in order")
     model, tokenizer = load_model(args.model, device=args.device)
     steps, rows = collect(model, tokenizer, problems, cfg, args.trajectory, references, policy_fn)
-    meta = TraceMeta(base_model=model_fingerprint(resolve_checkpoint(args.model)), trajectory=args.trajectory,
-                     tasks=tasks, gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cfg.cache,
-                     eotp=cfg.eotp, data_seed=args.data_seed, problems=len(rows), steps=len(steps["label"]),
-                     filter=None if args.filter is None else str(args.filter),
-                     accept_threshold=cfg.accept_threshold if args.trajectory == "learned" else None,
-                     reference_accuracy={t: round(sum(r["reference_correct"] for r in rows if r["task"] == t)
-                                                  / sum(r["task"] == t for r in rows), 4) for t in tasks})
+    meta = trace_meta(args.model, cfg, args.trajectory, tasks, args.data_seed, steps, rows)
     save_traces(args.out, steps, rows, meta)
     print(json.dumps({"out": str(args.out), "steps": meta.steps, "problems": meta.problems,
                       "masked_positions": int(steps["masked"].sum()),
@@ -392,15 +320,15 @@ def add_regress_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_regress(args: argparse.Namespace) -> None:
     from l2pd_harness import regression
-    from l2pd_harness.jsonl import write_atomic
+    from l2pd_harness.files import write_atomic
     from l2pd_harness.loading import load_model
 
     reference = None
     if not args.update:
-        if not args.reference.is_file():
+        if not args.reference.exists():
             raise UsageError(f"--reference {str(args.reference)!r} does not exist (record one with "
                              "`l2pd regress --update`)")
-        reference = json.loads(args.reference.read_text())
+        reference = read_json(args.reference, "--reference")
         try:
             regression.check_comparable(reference)
         except regression.RegressionError as err:
@@ -437,11 +365,7 @@ def add_train_filter_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--features", default=None,
                    help=f"comma-separated, from {','.join(FEATURES)} (block_mlp: confidence; position_mlp: all)")
     p.add_argument("--hidden-size", type=positive_int, default=32, help="hidden width (32)")
-    add_field_options(p, FilterTrainConfig, ("batch_size", "max_epochs", "patience"), positive_int)
-    add_field_options(p, FilterTrainConfig, ("lr", "val_share", "max_accuracy_drop"), float)
-    docs = field_docs(FilterTrainConfig)
-    p.add_argument("--class-weight", action="store_true", help=docs["class_weight"])
-    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    add_config_options(p, FilterTrainConfig)
     add_validation_decode_options(p)
     p.set_defaults(func=run_train_filter)
 
@@ -455,26 +379,19 @@ def add_validation_decode_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_train_filter(args: argparse.Namespace) -> None:
-    from l2pd_harness.filter.model import FEATURES, FilterConfig, FilterError
-    from l2pd_harness.filter.traces import read_meta
+    from l2pd_harness.filter.model import FEATURES, FilterConfig
+    from l2pd_harness.filter.traces import check_base_model
     from l2pd_harness.filter.train import FilterTrainConfig, train_filter
-    from l2pd_harness.loading import load_model, model_fingerprint, resolve_checkpoint
+    from l2pd_harness.loading import load_model
 
     features = args.features.split(",") if args.features else (
         ["confidence"] if args.architecture == "block_mlp" else list(FEATURES))
+    meta = check_base_model(args.traces[0], args.model)
     try:
-        meta = read_meta(args.traces[0])
         filter_cfg = FilterConfig(args.architecture, tuple(features), meta.block_length, args.hidden_size)
-        train_cfg = FilterTrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
-                                      patience=args.patience, val_share=args.val_share,
-                                      class_weight=args.class_weight, max_accuracy_drop=args.max_accuracy_drop,
-                                      seed=args.seed)
-    except ValueError as err:  # a bad setting, or a trace directory without its files (TraceError)
+        train_cfg = FilterTrainConfig(**option_values(args, FilterTrainConfig))
+    except ValueError as err:
         raise UsageError(str(err)) from None
-    fingerprint = model_fingerprint(resolve_checkpoint(args.model))
-    if meta.base_model != fingerprint:
-        raise FilterError(f"traces {str(args.traces[0])!r} come from base model {meta.base_model}, --model is "
-                          f"{fingerprint}")
     model, tokenizer = load_model(args.model, device=args.device)
     learned = train_filter(args.traces, filter_cfg, train_cfg, model, tokenizer, args.decode_batch_size)
     learned.save(args.out)
@@ -499,7 +416,7 @@ def add_choose_threshold_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--traces", type=Path, nargs="+", required=True,
                    help="trace directories from collect-traces (problems the filter was fitted on are left out)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint path to write (NAME.safetensors)")
-    add_field_options(p, FilterTrainConfig, ("max_accuracy_drop",), float)
+    add_config_options(p, FilterTrainConfig, ("max_accuracy_drop",))
     add_validation_decode_options(p)
     p.set_defaults(func=run_choose_threshold)
 
@@ -521,26 +438,51 @@ def run_choose_threshold(args: argparse.Namespace) -> None:
                       **{k: validation[k] for k in ("problems", "precision", "recall")}}))
 
 
+def add_tasks_dir_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tasks-dir", help="print the folder of the lm-eval task YAMLs shipped with the package",
+        description="Print the installed folder of the package's lm-eval tasks (arith, listops, gsm8k_local), for "
+                    "lm-eval's --include_path: lm_eval --model l2pd --tasks arith --include_path \"$(l2pd tasks-dir)\"")
+    p.set_defaults(func=lambda _: print(TASKS_DIR))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="l2pd", description="l2pd-harness: fast, measured decoding of diffusion LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in (add_generate_parser, add_data_parser, add_grade_parser, add_evaluate_parser, add_train_base_parser,
-                add_collect_traces_parser, add_train_filter_parser, add_choose_threshold_parser, add_regress_parser):
+                add_collect_traces_parser, add_train_filter_parser, add_choose_threshold_parser, add_regress_parser,
+                add_tasks_dir_parser):
         add(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that report bad input (settings, files, checkpoints, requests): one line and exit code 2."""
+    from l2pd_harness.decoding.scheduler import DecodeError
+    from l2pd_harness.files import FileFormatError
     from l2pd_harness.filter.model import FilterError
     from l2pd_harness.loading import ModelLoadError
     from l2pd_harness.models.llada import ConfigError
+    from l2pd_harness.settings import SettingsError
 
+    return UsageError, ModelLoadError, ConfigError, FilterError, FileFormatError, SettingsError, DecodeError
+
+
+def kept_rows(err: BaseException) -> str:
+    """What an interrupted or failed run kept (:class:`JsonlWriter` notes it on the exception)."""
+    kept = getattr(err, "kept_rows", None)
+    return f"; {kept}" if kept else ""
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ModelLoadError, ConfigError, FilterError) as err:
-        parser.exit(2, f"l2pd {args.command}: error: {err}\n")
+    except user_errors() as err:
+        parser.exit(2, f"l2pd {args.command}: error: {err}{kept_rows(err)}\n")
+    except KeyboardInterrupt as err:
+        parser.exit(130, f"l2pd {args.command}: interrupted{kept_rows(err)}\n")
 
 
 if __name__ == "__main__":

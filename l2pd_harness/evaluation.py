@@ -2,41 +2,30 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine, StepObserver
 from l2pd_harness.decoding.policies import Policy
-from l2pd_harness.decoding.scheduler import GenerationResult
+from l2pd_harness.steplog import StepLogRow, Summary, summarise
 from l2pd_harness.tasks import get_task
-from l2pd_harness.text import decode_response, encode_prompt, response_length, stop_token_ids
+from l2pd_harness.text import decode_response, encode_prompt, stop_token_ids
 
 
-@dataclass
-class EvalSummary:
-    task: str
-    n: int
-    accuracy: float
-    mean_nfe: float
-    gen_length: int
-    tokens_per_step: float
-
-    def as_row(self) -> dict:
-        return {"task": self.task, "n": self.n, "accuracy": round(self.accuracy, 4), "mean_nfe": self.mean_nfe,
-                "gen_length": self.gen_length, "tokens_per_step": self.tokens_per_step}
+def decode_progress(prompts: int, positions: int, desc: str, disable: bool = False) -> tqdm:
+    """A progress bar over the canvas positions of a decode (``positions`` in all), so its rate and ETA are honest
+    while many sequences are in flight; the finished prompts show beside it (see :meth:`finish`)."""
+    bar = tqdm(total=positions, desc=desc, unit="pos", unit_scale=True, disable=disable)
+    bar.set_postfix_str(f"0/{prompts} prompts")
+    bar.prompts, bar.finished = prompts, 0
+    return bar
 
 
-def step_log(result: GenerationResult, prompt_tokens: int, stops: set[int]) -> dict:
-    """The step log every result row carries, whichever command wrote it (``finished_at``: Unix time, so
-    analysis can span a run's wall time from its rows)."""
-    return {"nfe": result.nfe, "tokens_per_step": result.tokens_per_step,
-            "positions_per_step": result.positions_per_step, "latency_s": round(result.latency_s, 6),
-            "prompt_tokens": prompt_tokens, "generated_tokens": response_length(result.token_ids, stops),
-            "finished_at": round(time.time(), 6)}
+def finish_prompt(bar: tqdm) -> None:
+    bar.finished += 1
+    bar.set_postfix_str(f"{bar.finished}/{bar.prompts} prompts", refresh=False)
 
 
 def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_template: bool = True,
@@ -51,11 +40,13 @@ def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_tem
     engine = Engine(model, cfg, eot_ids=stops, policy=policy)
     done: dict[int, dict] = {}
     next_index = 0
-    with tqdm(total=len(rows), desc=desc, unit="prompt") as bar:
-        for index, result in engine.stream(prompts, references, on_step):
+    # The engine refuses bad requests on this call, before the progress bar appears.
+    results = engine.stream(prompts, references, on_step, lambda count: bar.update(count))
+    with decode_progress(len(rows), len(rows) * cfg.gen_length, desc) as bar:
+        for index, result in results:
             done[index] = {**rows[index], "text": decode_response(tokenizer, result.token_ids, stops),
-                           **step_log(result, len(prompts[index]), stops), "canvas": result.token_ids}
-            bar.update(1)
+                           **StepLogRow.of(result, len(prompts[index]), stops).to_row(), "canvas": result.token_ids}
+            finish_prompt(bar)
             while next_index in done:
                 yield done.pop(next_index)
                 next_index += 1
@@ -66,8 +57,7 @@ def grade_rows(rows: list[dict]) -> list[bool]:
     return [get_task(row["task"]).grade(row["text"], row["answer"]) for row in rows]
 
 
-def summarise(task: str, rows: list[dict], cfg: DecodeConfig) -> EvalSummary:
-    correct = grade_rows(rows)
-    nfe = sum(r["nfe"] for r in rows)
-    return EvalSummary(task=task, n=len(rows), accuracy=sum(correct) / len(rows), mean_nfe=nfe / len(rows),
-                       gen_length=cfg.gen_length, tokens_per_step=sum(sum(r["tokens_per_step"]) for r in rows) / nfe)
+def summarise_rows(rows: list[dict]) -> Summary:
+    """Accuracy and speed of decoded task rows, by the one counting rule (:func:`l2pd_harness.steplog.summarise`)."""
+    logs = [StepLogRow.from_row(row, f"decoded row {number}") for number, row in enumerate(rows, start=1)]
+    return summarise(logs, grade_rows(rows))

@@ -24,19 +24,6 @@ def register(registry: ModuleType) -> None:
 
     if "l2pd" not in registry.model_registry:
         registry.model_registry.register("l2pd", target=TARGET)
-        sys.excepthook = _one_line_for_model_args(sys.excepthook)
-
-
-def _one_line_for_model_args(previous):
-    """lm-eval's CLI lets model errors escape as tracebacks; a bad ``--model_args`` value deserves one line."""
-
-    def hook(exc_type, exc, tb) -> None:
-        if exc_type.__name__ == "ModelArgsError" and exc_type.__module__ == "l2pd_harness.lm_eval_model":
-            print(f"lm_eval --model l2pd: error: {exc}", file=sys.stderr)
-        else:
-            previous(exc_type, exc, tb)
-
-    return hook
 
 
 class _RegisterAfterExec(importlib.abc.Loader):

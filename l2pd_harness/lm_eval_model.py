@@ -2,23 +2,22 @@
 
     lm_eval --model l2pd --model_args policy=threshold,eotp=true --tasks arith --include_path tasks
 
-``model_args`` are the keywords of :class:`L2PDLM`. Each generation request's step log (forward passes, tokens
-per step, latency, settings) goes to ``steps_rank<r>_<time>.jsonl`` in ``log_dir`` (default: the
-``--output_path`` of the lm-eval command), keyed by ``task``, ``doc_id`` and ``prompt_hash`` (lm-eval's
-``hash_string`` of the request context, its samples' ``arguments``) so analysis can join it to
-``samples_*.jsonl``. lm-eval's ``--use_cache`` keys requests by their text only, not by ``model_args``: use one
-cache path per configuration.
+``model_args`` are the fields of :class:`ModelArgs` and :class:`DecodeConfig`. Each generation request's step log
+(forward passes, tokens per step, latency, settings) goes to ``steps_rank<r>_<time>.jsonl`` in ``log_dir``, keyed
+by ``task``, ``doc_id`` and ``prompt_hash`` (lm-eval's ``hash_string`` of the request context, its samples'
+``arguments``) so analysis can join it to ``samples_*.jsonl``. lm-eval's ``--use_cache`` keys requests by their
+text only, not by ``model_args``: use one cache path per configuration.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
-import sys
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import lm_eval.models  # noqa: F401  (built-in models first: lm-eval loads them only into an empty registry)
 import torch
@@ -30,48 +29,71 @@ from tqdm import tqdm
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
-from l2pd_harness.evaluation import step_log as step_log_fields
-from l2pd_harness.filter.model import decode_policy
-from l2pd_harness.jsonl import JsonlWriter
+from l2pd_harness.evaluation import decode_progress, finish_prompt
+from l2pd_harness.files import JsonlWriter
 from l2pd_harness.likelihood import monte_carlo_loglikelihood
-from l2pd_harness.loading import load_model
-from l2pd_harness.text import decode_response, encode_prompt, stop_token_ids
+from l2pd_harness.loading import DTYPES, load_model, resolve_checkpoint
+from l2pd_harness.settings import SettingsError, coerce, coerce_fields, decode_setup
+from l2pd_harness.steplog import StepLogRow
+from l2pd_harness.text import decode_response, encode_pair, encode_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+class ModelArgsError(SystemExit):
+    """A bad ``--model_args`` name or value, or a model that cannot be loaded from them. A ``SystemExit`` whose code
+    is the message: the stock CLI, which lets model errors escape as tracebacks, then prints this one line and exits
+    with status 1, as lm-eval does for its own usage errors."""
 
 
-class ModelArgsError(ValueError):
-    """A bad ``--model_args`` value; the stock CLI reports it as one line (see ``lm_eval_hook``)."""
+@dataclass
+class ModelArgs:
+    """The ``model_args`` that are not decode settings (those are the fields of :class:`DecodeConfig`)."""
+
+    pretrained: str | None = None
+    """Checkpoint directory or hub id in the local HF cache; ``None`` is the shipped tiny model."""
+    mc_num: int = 64
+    """Monte-Carlo samples per loglikelihood request."""
+    dtype: str = "float32"
+    """Weight dtype: float32, bfloat16 or float16."""
+    device: str | None = None
+    """Torch device; lm-eval's ``--device`` fills it; ``cuda`` without CUDA falls back to the CPU with a warning."""
+    log_dir: str | None = None
+    """Directory of the per-request step logs (``analysis/sweep.py`` sets it to each run's ``--output_path``);
+    ``None`` writes none."""
+    chat_template: bool = True
+    """Wrap raw contexts in the tokenizer's chat template (lm-eval's ``--apply_chat_template`` does it instead when
+    given)."""
+    max_batch_size: int | None = None
+    """Passed by lm-eval's CLI; unused (the batch is ``batch_size`` sequences in flight)."""
+
+    def __post_init__(self) -> None:
+        if self.mc_num <= 0:
+            raise SettingsError(f"mc_num={self.mc_num} must be a positive integer")
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
 
 
-def as_int(name: str, value) -> int | None:
-    """lm-eval hands integers over as int, float (``64.0``) or string."""
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"model_args {name}={value!r} is not an integer") from None
-    if not number.is_integer():
-        raise ValueError(f"model_args {name}={value!r} is not an integer")
-    return int(number)
+def split_model_args(model_args: dict, config_class: type[DecodeConfig] = DecodeConfig) -> tuple[ModelArgs, dict]:
+    """``(model settings, decode settings)`` from lm-eval's ``model_args``; an unknown name lists the known ones."""
+    model_names, decode_names = {f.name for f in fields(ModelArgs)}, {f.name for f in fields(config_class)}
+    unknown = sorted(set(model_args) - model_names - decode_names)
+    if unknown:
+        raise SettingsError(f"unknown model_args {unknown} for l2pd; known: {sorted(model_names | decode_names)}")
+    batch_size = model_args.get("batch_size")
+    if str(batch_size).startswith("auto"):
+        raise SettingsError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give a number of "
+                            "sequences in flight")
+    own = ModelArgs(**coerce_fields(ModelArgs, {k: v for k, v in model_args.items() if k in model_names}))
+    return own, {k: v for k, v in model_args.items() if k in decode_names}
 
 
-def as_float(name: str, value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"model_args {name}={value!r} is not a number") from None
-
-
-def as_bool(name: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in TRUE + FALSE:
-        return str(value).lower() in TRUE
-    raise ValueError(f"model_args {name}={value!r} is not a boolean (use one of {list(TRUE + FALSE)})")
+def check_model_args(model_args: dict, config_class: type[DecodeConfig] = DecodeConfig) -> None:
+    """Raise a one-line ``ValueError`` for ``model_args`` that :class:`L2PDLM` would refuse, without loading a model
+    (a learned policy's filter is read and checked against the checkpoint)."""
+    own, decode = split_model_args(model_args, config_class)
+    resolve_checkpoint(own.pretrained)
+    decode_setup(decode, own.pretrained, config_class)
 
 
 def pick_device(device: str | None) -> str:
@@ -83,53 +105,26 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def output_path_from_argv() -> Path | None:
-    """The ``--output_path`` (or ``-o``) of the running lm-eval command, where its results land."""
-    argv = sys.argv
-    for i, arg in enumerate(argv):
-        if arg in ("--output_path", "-o") and i + 1 < len(argv):
-            path = Path(argv[i + 1])
-            return path.parent if path.suffix == ".json" else path
-        if arg.startswith("--output_path="):
-            return Path(arg.split("=", 1)[1])
-    return None
-
-
 @register_model("l2pd")
 class L2PDLM(LM):
     """A diffusion LLM decoded by the l2pd engine.
 
-    pretrained: checkpoint directory or hub id in the local HF cache (default: the shipped tiny model).
-    policy, threshold, factor, eotp, cache, gen_length, block_length, steps, temperature: the engine's
-    :class:`DecodeConfig` (``gen_length`` is the largest canvas; a request's ``max_gen_toks`` makes it shorter).
-    filter, accept_threshold: the learned policy's filter checkpoint (default: the one shipped with the tiny model)
-    and the probability it must exceed (default: the filter's own).
-    mc_num: Monte-Carlo samples per loglikelihood request. chat_template: wrap raw contexts in the tokenizer's
-    chat template (lm-eval's ``--apply_chat_template`` does it instead when given). log_dir: step-log directory.
+    ``model_args``: the fields of :class:`ModelArgs` (pretrained, mc_num, dtype, device, log_dir, chat_template) and
+    of :class:`DecodeConfig` (policy, threshold, eotp, cache, gen_length, ...: ``l2pd generate --help`` describes
+    each; ``gen_length`` is the largest canvas, a request's ``max_gen_toks`` makes it shorter).
     """
 
-    def __init__(self, pretrained: str | None = None, policy: str = "fixed", threshold: float = 0.9,
-                 factor: float = 1.0, filter: str | None = None, accept_threshold: float | None = None,
-                 eotp: bool = False, cache: str = "none", gen_length: int = 256, block_length: int = 32,
-                 steps: int | None = None, temperature: float = 0.0, cfg_scale: float = 0.0, mc_num: int = 64,
-                 batch_size: int | str = 16, max_batch_size: int | None = None, dtype: str = "float32",
-                 device: str | None = None, log_dir: str | None = None, chat_template: bool = True,
-                 seed: int = 0) -> None:
+    config_class: ClassVar[type[DecodeConfig]] = DecodeConfig
+    """The decode settings this model accepts (a subclass adds knobs)."""
+
+    def __init__(self, **model_args) -> None:
         super().__init__()
-        if str(batch_size).startswith("auto"):
-            raise ValueError(f"model_args batch_size={batch_size!r}: automatic batch sizes are not supported; "
-                             "give a number of sequences in flight")
-        self.cfg = DecodeConfig(
-            gen_length=as_int("gen_length", gen_length), block_length=as_int("block_length", block_length),
-            policy=policy, steps=as_int("steps", steps), threshold=as_float("threshold", threshold),
-            factor=as_float("factor", factor), eotp=as_bool("eotp", eotp), cache=cache,
-            temperature=as_float("temperature", temperature), cfg_scale=as_float("cfg_scale", cfg_scale),
-            seed=as_int("seed", seed), batch_size=as_int("batch_size", batch_size))
-        given = None if accept_threshold is None else as_float("accept_threshold", accept_threshold)
-        self.cfg, self.policy = decode_policy(self.cfg, filter, pretrained, given)
-        self.mc_num, self.chat_template_default = as_int("mc_num", mc_num), as_bool("chat_template", chat_template)
+        own, decode = split_model_args(model_args, self.config_class)
+        self.cfg, self.policy = decode_setup(decode, own.pretrained, self.config_class)
+        self.mc_num, self.chat_template_default = own.mc_num, own.chat_template
         self.templated_by_lm_eval = False
         self.accelerator = None
+        device = own.device
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
@@ -137,12 +132,15 @@ class L2PDLM(LM):
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = self.accelerator.device.type if self.accelerator.device.type == "cpu" else str(
                 self.accelerator.device)  # safetensors rejects "cpu:0"
-        self.model, self.tokenizer = load_model(pretrained, dtype=dtype, device=pick_device(device))
+        self.model, self.tokenizer = load_model(own.pretrained, dtype=own.dtype, device=pick_device(device))
         self._device = next(self.model.parameters()).device
         self.stops = stop_token_ids(self.tokenizer, self.model.config.eos_token_id)
-        self.log_dir = Path(log_dir) if log_dir is not None else output_path_from_argv()
-        self.settings = {"pretrained": pretrained or "tiny-llada (shipped)", "filter": filter, "mc_num": self.mc_num,
-                         **vars(self.cfg)}
+        self.log_dir = None if own.log_dir is None else Path(own.log_dir)
+        if self.log_dir is None:
+            log.warning("model_args log_dir is not set: the per-request step logs (forward passes, latency) that "
+                        "analysis/pareto.py reads are not written")
+        self.settings = {"pretrained": own.pretrained or "tiny-llada (shipped)", "mc_num": self.mc_num,
+                         **asdict(self.cfg)}
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> L2PDLM:
@@ -150,15 +148,13 @@ class L2PDLM(LM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> L2PDLM:
-        """Like lm-eval's, but an unknown model_arg is an error that lists the known ones."""
-        known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
-        unknown = sorted(set(arg_dict) - set(known))
-        if unknown:
-            raise ModelArgsError(f"unknown model_args {unknown} for l2pd; known: {known}")
+        """Like lm-eval's; a bad setting or checkpoint is a :class:`ModelArgsError` (one line, exit status 1)."""
+        from l2pd_harness.cli import user_errors
+
         try:
             return super().create_from_arg_obj(arg_dict, additional_config)
-        except ValueError as err:
-            raise ModelArgsError(str(err)) from None
+        except user_errors() as err:
+            raise ModelArgsError(f"lm_eval --model l2pd: error: {err}") from None
 
     # ---- what lm-eval asks of a model -------------------------------------------------------------------------
 
@@ -195,7 +191,12 @@ class L2PDLM(LM):
 
     def encode_context(self, context: str) -> list[int]:
         """Token ids of a context, as a user turn unless lm-eval's --apply_chat_template already made it one."""
-        return encode_prompt(self.tokenizer, context, self.chat_template_default and not self.templated_by_lm_eval)
+        return encode_prompt(self.tokenizer, context, self.wraps_contexts)
+
+    @property
+    def wraps_contexts(self) -> bool:
+        """Whether this model wraps contexts in the chat template (not when lm-eval's --apply_chat_template did)."""
+        return self.chat_template_default and not self.templated_by_lm_eval
 
     def fit(self, prompt: list[int], canvas: int) -> list[int]:
         """Keep the end of a prompt too long for the model's context next to the canvas (as lm-eval's HF model
@@ -209,7 +210,7 @@ class L2PDLM(LM):
 
     def canvas_length(self, max_gen_toks) -> int:
         """``max_gen_toks`` rounded up to whole blocks, at most ``gen_length``."""
-        wanted = self.cfg.gen_length if max_gen_toks is None else as_int("max_gen_toks", max_gen_toks)
+        wanted = self.cfg.gen_length if max_gen_toks is None else coerce("max_gen_toks", max_gen_toks, int)
         blocks = max(1, math.ceil(wanted / self.cfg.block_length))
         return min(self.cfg.gen_length, blocks * self.cfg.block_length)
 
@@ -218,17 +219,18 @@ class L2PDLM(LM):
         for i, request in enumerate(requests):
             by_canvas.setdefault(self.canvas_length(request.args[1].get("max_gen_toks")), []).append(i)
         texts: list[str] = [""] * len(requests)
-        with tqdm(total=len(requests), desc="l2pd generate_until", disable=disable_tqdm or self.rank != 0) as bar, \
+        positions = sum(canvas * len(indices) for canvas, indices in by_canvas.items())
+        with decode_progress(len(requests), positions, "l2pd generate_until", disable_tqdm or self.rank != 0) as bar, \
                 StepLog(self.log_dir, requests, self.rank) as step_log:
             for canvas, indices in by_canvas.items():
                 engine = Engine(self.model, self.cfg.for_canvas(canvas), eot_ids=self.stops, policy=self.policy)
                 prompts = [self.fit(self.encode_context(requests[i].args[0]), canvas) for i in indices]
-                for local, result in engine.stream(prompts):
+                for local, result in engine.stream(prompts, on_progress=bar.update):
                     index = indices[local]
                     text = decode_response(self.tokenizer, result.token_ids, self.stops)
                     texts[index] = cut_at_until(text, requests[index].args[1].get("until"))
-                    step_log.write(index, step_log_fields(result, len(prompts[local]), self.stops), self.settings)
-                    bar.update(1)
+                    step_log.write(index, StepLogRow.of(result, len(prompts[local]), self.stops), self.settings)
+                    finish_prompt(bar)
         return texts
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -236,8 +238,7 @@ class L2PDLM(LM):
         results = []
         for request in tqdm(requests, desc="l2pd loglikelihood", disable=disable_tqdm or self.rank != 0):
             context, continuation = request.args
-            prompt = self.encode_context(context) if context else []
-            target = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            prompt, target = encode_pair(self.tokenizer, context, continuation, self.wraps_contexts)
             results.append(monte_carlo_loglikelihood(self.model, prompt, target, self.mc_num, self.cfg.batch_size,
                                                      generator))
         return results
@@ -270,12 +271,12 @@ class StepLog:
             self.writer.__enter__()
         return self
 
-    def write(self, index: int, fields: dict, settings: dict) -> None:
+    def write(self, index: int, log: StepLogRow, settings: dict) -> None:
         if self.writer is None:
             return
         request = self.requests[index]
         self.writer.write({"task": request.task_name, "doc_id": request.doc_id, "repeat": request.idx,
-                           "prompt_hash": hash_string(request.args[0]), **fields, "settings": settings})
+                           "prompt_hash": hash_string(request.args[0]), **log.to_row(), "settings": settings})
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.writer is not None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from l2pd_harness.jsonl import save_tensors_atomic
+from l2pd_harness.files import FileFormatError, open_tensors, read_json, save_tensors_atomic, write_atomic
 from l2pd_harness.models.llada import LLaDAConfig, LLaDAModel
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-llada"
@@ -24,6 +24,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 BACKENDS = ("native", "hf")
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
+CHECKPOINT_LAYOUT = "expected a Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer files)"
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 
 
 class ModelLoadError(ValueError):
@@ -34,23 +36,46 @@ def resolve_checkpoint(pretrained: str | os.PathLike | None) -> Path:
     """Local directory of ``pretrained``: a path, a hub id found in the local HF cache, or the shipped tiny model."""
     if pretrained is None:
         return DEFAULT_MODEL_DIR
-    path = Path(pretrained).expanduser()
+    name = os.fspath(pretrained)
+    path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model directory {str(path)!r} has no config.json; expected a Hugging Face "
-                                 "checkpoint directory (config.json, model.safetensors, tokenizer files)")
-        return path
-    if path.exists() or str(pretrained).count("/") != 1:
-        raise ModelLoadError(f"model {str(pretrained)!r} is neither a checkpoint directory nor a hub id (owner/name)")
+        return _checkpoint_dir(path)
+    if path.exists():
+        raise ModelLoadError(f"model {name!r} is a file; {CHECKPOINT_LAYOUT}")
+    if not isinstance(pretrained, str) or _looks_like_path(name):
+        raise ModelLoadError(f"model directory {name!r} does not exist")
+    if "/" not in name:
+        raise ModelLoadError(f"model {name!r} is neither an existing checkpoint directory nor a hub id (owner/name)")
+    return _cached_hub_snapshot(name)
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {str(path)!r} has no config.json; {CHECKPOINT_LAYOUT}")
+    return path
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for a name that only a filesystem path can have: a hub id is ``owner/name`` in letters, digits, ``-``,
+    ``_`` and ``.``, so it never starts with ``/``, ``.`` or ``~``, holds no backslash, drive or second ``/``."""
+    return (name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+            or _WINDOWS_DRIVE.match(name) is not None)
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path:
+    """The local-cache snapshot of hub model ``repo_id``: the only place the hub library is consulted."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(str(pretrained), local_files_only=True))
+        return _checkpoint_dir(Path(snapshot_download(repo_id, local_files_only=True)))
+    except HFValidationError:
+        raise ModelLoadError(f"model {repo_id!r} is neither an existing checkpoint directory nor a valid hub id "
+                             "(owner/name, in letters, digits, '-', '_' and '.')") from None
     except LocalEntryNotFoundError:
         raise ModelLoadError(
-            f"hub model {str(pretrained)!r} is not in the local Hugging Face cache and this program never "
-            f"downloads; on a networked machine run `hf download {pretrained}` (or pass a local directory)"
+            f"hub model {repo_id!r} is not in the local Hugging Face cache (nor a local directory) and this program "
+            f"never downloads; on a networked machine run `hf download {repo_id}` (or pass a local directory)"
         ) from None
 
 
@@ -76,17 +101,24 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def _tensor_files(ckpt: Path) -> list[Path]:
     if (ckpt / SHARD_INDEX).is_file():
-        weight_map = json.loads((ckpt / SHARD_INDEX).read_text())["weight_map"]
-        return [ckpt / name for name in sorted(set(weight_map.values()))]
+        return [ckpt / name for name in sorted(set(_shard_map(ckpt / SHARD_INDEX).values()))]
     if (ckpt / SINGLE_FILE).is_file():
         return [ckpt / SINGLE_FILE]
     raise ModelLoadError(f"no {SINGLE_FILE} or {SHARD_INDEX} in {str(ckpt)!r}")
 
 
+def _shard_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a sharded checkpoint's index file."""
+    weight_map = read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise FileFormatError(f"shard index {str(index)!r} has no \"weight_map\" object of tensor name -> file name")
+    return weight_map
+
+
 def _iter_tensors(files: list[Path], device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     # One tensor at a time: each is read straight to the target device and cast there.
     for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as handle:
+        with open_tensors(file, "weight file", device) as handle:
             for name in handle.keys():
                 yield name, handle.get_tensor(name).to(dtype)
 
@@ -114,7 +146,7 @@ def save_llada(model: LLaDAModel, out_dir: str | os.PathLike) -> None:
     """Write ``config.json`` and ``model.safetensors`` (LLaDA's tensor names) to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    write_atomic(out / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
     save_tensors_atomic(model.state_dict(), out / SINGLE_FILE, metadata={"format": "pt"})
 
 
@@ -147,7 +179,7 @@ class RemoteCodeLM(nn.Module):
 def _load_remote_code(ckpt: Path, dtype: torch.dtype, device: str | torch.device, tokenizer) -> RemoteCodeLM:
     import transformers
 
-    raw = json.loads((ckpt / "config.json").read_text())
+    raw = read_json(ckpt / "config.json", "model config")
     if raw.get("model_type") == "llada" and int(transformers.__version__.split(".")[0]) >= 5:
         raise ModelLoadError(
             "backend='hf' cannot load LLaDA here: its remote code (modeling_llada.py) is written for "
@@ -162,16 +194,23 @@ def _load_remote_code(ckpt: Path, dtype: torch.dtype, device: str | torch.device
     return RemoteCodeLM(model.to(device).eval(), ids)
 
 
-def load_tokenizer(ckpt: Path):
+def load_tokenizer(ckpt: Path, trust_remote_code: bool = False):
     """``AutoTokenizer`` of ``ckpt``, without transformers' warning that it does not know ``model_type: llada``
-    (it reads config.json only to look for a tokenizer class; the tokenizer files name theirs)."""
+    (it reads config.json only to look for a tokenizer class; the tokenizer files name theirs).
+
+    ``trust_remote_code`` is passed explicitly: left unset, transformers asks on the terminal whether to run the
+    code a config.json ``auto_map`` names (LLaDA's published configs have one) and waits for an answer.
+    """
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(ckpt))
+        return AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as err:  # damaged tokenizer files, or a tokenizer that exists only as remote code
+        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise ModelLoadError(f"tokenizer of {str(ckpt)!r} cannot be loaded: {first_line}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -187,7 +226,9 @@ def load_model(pretrained: str | os.PathLike | None = None, dtype: str = "float3
         raise ModelLoadError(f"backend {backend!r} is not one of {list(BACKENDS)}")
     torch_dtype = parse_dtype(dtype)
     ckpt = resolve_checkpoint(pretrained)
-    tokenizer = load_tokenizer(ckpt)
-    if backend == "native":
-        return load_llada(ckpt, torch_dtype, device), tokenizer
+    if backend == "native":  # config.json is checked first, so a wrong one is named as such, not as a tokenizer error
+        model = load_llada(ckpt, torch_dtype, device)
+        return model, load_tokenizer(ckpt)
+    # Only here is a checkpoint's own code run: the user asked for it by choosing backend='hf'.
+    tokenizer = load_tokenizer(ckpt, trust_remote_code=True)
     return _load_remote_code(ckpt, torch_dtype, device, tokenizer), tokenizer

@@ -17,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import math
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.evaluation import iter_decoded, summarise
-from l2pd_harness.filter.model import DEFAULT_FILTER, decode_policy
+from l2pd_harness.evaluation import iter_decoded, summarise_rows
+from l2pd_harness.filter.model import DEFAULT_FILTER
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint
+from l2pd_harness.settings import decode_setup
 from l2pd_harness.tasks import sample_problems
 
 FORMAT = "l2pd-regression/1"
@@ -42,16 +43,17 @@ class Check:
     """One decode configuration of the regression check."""
 
     name: str
-    cfg: DecodeConfig
-    n: int
+    settings: dict = field(hash=False)
+    """Decode settings (DecodeConfig fields; the rest keep their defaults)."""
+    n: int = 100
     """Held-out problems per task; the one-token baseline (gen_length passes each) gets fewer, to keep CI short."""
 
 
 CHECKS = (
-    Check("fixed (1 token/step)", DecodeConfig(policy="fixed"), n=16),
-    Check("threshold 0.9 + EoTP", DecodeConfig(policy="threshold", threshold=0.9, eotp=True), n=100),
-    Check("learned + EoTP", DecodeConfig(policy="learned", eotp=True), n=100),
-    Check("learned + EoTP + dual cache", DecodeConfig(policy="learned", eotp=True, cache="dual"), n=100),
+    Check("fixed (1 token/step)", {"policy": "fixed"}, n=16),
+    Check("threshold 0.9 + EoTP", {"policy": "threshold", "threshold": 0.9, "eotp": True}),
+    Check("learned + EoTP", {"policy": "learned", "eotp": True}),
+    Check("learned + EoTP + dual cache", {"policy": "learned", "eotp": True, "cache": "dual"}),
 )
 
 
@@ -81,17 +83,18 @@ def config_record(check: Check, cfg: DecodeConfig) -> dict:
 
 def check_configs() -> dict[str, dict]:
     """Every check's record (the learned policy's accept threshold is the shipped filter's default)."""
-    return {check.name: config_record(check, decode_policy(check.cfg)[0]) for check in CHECKS}
+    return {check.name: config_record(check, decode_setup(check.settings)[0]) for check in CHECKS}
 
 
 def check_comparable(reference: dict) -> None:
     """Raise :class:`RegressionError` unless ``reference`` was recorded for this model, filter, tasks and checks."""
     if reference.get("format") != FORMAT:
         raise RegressionError(f"the reference has format {reference.get('format')!r}, expected {FORMAT!r}")
+    check_shape(reference)
     now = identity()
     for key in ("model", "filter", "tasks", "data_seed"):
-        if reference["identity"][key] != now[key]:
-            raise RegressionError(f"the reference was recorded with {key} {reference['identity'][key]!r}, this "
+        if reference["identity"].get(key) != now[key]:
+            raise RegressionError(f"the reference was recorded with {key} {reference['identity'].get(key)!r}, this "
                                   f"checkout has {now[key]!r}: record a new one on purpose (`l2pd regress --update`)")
     configs = check_configs()
     if {name: run["config"] for name, run in reference["runs"].items()} != configs:
@@ -99,16 +102,30 @@ def check_comparable(reference: dict) -> None:
                               f"this checkout's {sorted(configs)}: record a new reference (`l2pd regress --update`)")
 
 
+def check_shape(reference: dict) -> None:
+    """Raise :class:`RegressionError` naming the first key a reference of this format lacks."""
+    for key in ("identity", "runs"):
+        if not isinstance(reference.get(key), dict):
+            raise RegressionError(f"the reference has no {key!r} object: record one with `l2pd regress --update`")
+    for name, run in reference["runs"].items():
+        if not isinstance(run, dict) or not isinstance(run.get("tasks"), dict) or "config" not in run:
+            raise RegressionError(f"the reference's check {name!r} lacks its 'config' or 'tasks'")
+        for task, figures in run["tasks"].items():
+            missing = {"n", "correct", "accuracy", "mean_nfe"} - set(figures if isinstance(figures, dict) else {})
+            if missing:
+                raise RegressionError(f"the reference's check {name!r} / {task} lacks {sorted(missing)}")
+
+
 def measure(model, tokenizer, batch_size: int) -> dict:
     """Run every check on every task: a reference-shaped record (accuracy, correct count, mean NFE)."""
     runs = {}
     for check in CHECKS:
-        cfg, policy = decode_policy(replace(check.cfg, batch_size=batch_size))
+        cfg, policy = decode_setup({**check.settings, "batch_size": batch_size})
         tasks = {}
         for task in TASKS:
             problems = sample_problems(task, "test", check.n, DATA_SEED)
             rows = list(iter_decoded(model, tokenizer, problems, cfg, policy=policy, desc=f"{check.name} / {task}"))
-            summary = summarise(task, rows, cfg)
+            summary = summarise_rows(rows)
             tasks[task] = {"n": summary.n, "correct": round(summary.accuracy * summary.n),
                            "accuracy": round(summary.accuracy, 4), "mean_nfe": round(summary.mean_nfe, 3)}
         runs[check.name] = {"config": config_record(check, cfg), "tasks": tasks}

@@ -104,5 +104,66 @@ def test_sweep_grid_expansion() -> None:
     assert len(runs) == 6 and runs[0] == {"gen_length": 64, "policy": "fixed", "steps": 64}
     assert sweep.run_name(runs[-1]) == "gen_length-64_policy-threshold_threshold-0.9_eotp-True"
     command = sweep.lm_eval_command({"tasks": ["arith"], "limit": 8}, runs[0], Path("/tmp/x"))
-    assert command[command.index("--model_args") + 1] == "gen_length=64,policy=fixed,steps=64"
+    assert command[command.index("--model_args") + 1] == "gen_length=64,policy=fixed,steps=64,log_dir=/tmp/x"
+    assert command[command.index("--include_path") + 1] == str(REPO / "l2pd_harness" / "lm_eval_tasks")
     assert command[-2:] == ["--limit", "8"]
+
+
+def test_accuracy_of_reads_an_unknown_stderr_as_nan() -> None:
+    accuracy, stderr = pareto.accuracy_of({"exact_match,none": 1.0, "exact_match_stderr,none": "N/A"}, "here")
+    assert accuracy == 1.0 and math.isnan(stderr)
+
+
+def pareto_error(capsys: pytest.CaptureFixture, runs_dir: Path, out: Path) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        pareto.main([str(runs_dir), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pareto.py: error: "), err
+    assert not out.exists()
+    return err.removeprefix("pareto.py: error: ").rstrip("\n")
+
+
+def test_a_configuration_run_twice_is_refused(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (runs / "fast" / "model2").mkdir()  # what a sweep stopped without stopping its lm-eval, then rerun, left
+    (runs / "fast" / "model2" / "results_2027.json").write_text((runs / "fast/model/results_2026.json").read_text())
+    assert pareto_error(capsys, runs, tmp_path / "report") == (
+        f"configuration directory {str(runs / 'fast')!r} holds 2 lm-eval results files ['model/results_2026.json', "
+        "'model2/results_2027.json']: it was run more than once and its step logs mix the runs; delete the "
+        "directory and rerun analysis/sweep.py to redo it")
+
+
+def test_an_empty_directory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "runs").mkdir()
+    assert pareto_error(capsys, tmp_path / "runs", tmp_path / "report") == (
+        f"no lm-eval results_*.json under {str(tmp_path / 'runs')!r}")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda run: (run / "model" / "results_2026.json").write_text('{"results": '),
+     "lm-eval results {results!r} is not valid JSON"),
+    (lambda run: (run / "model" / "results_2026.json").write_text('{"results": {}}'),
+     "lm-eval results {results!r} has no config.l2pd_settings mapping: not a run of the l2pd model"),
+    (lambda run: (run / "model" / "results_2026.json").write_text(
+        '{"results": {"arith": {}}, "config": {"l2pd_settings": {"policy": "fixed"}}}'),
+     "lm-eval results {results!r}: config.l2pd_settings lacks ['threshold', 'factor', 'eotp', 'cache', "
+     "'gen_length', 'steps', 'accept_threshold']"),
+    (lambda run: (run / "model" / "results_2026.json").write_text(json.dumps({
+        "results": {"arith": {"acc,none": 1.0}}, "config": {"l2pd_settings": dict.fromkeys(pareto.SETTINGS_READ)}})),
+     "lm-eval results {results!r} task 'arith' has no exact_match metric among ['acc,none']"),
+    (lambda run: (run / "steps_rank0_2026.jsonl").write_text(
+        (run / "steps_rank0_2026.jsonl").read_text() + '{"task": "arith", "doc_\n'),
+     "step log {steps!r} line 3 is not valid JSON"),
+    (lambda run: (run / "steps_rank0_2026.jsonl").write_text('{"task": "arith", "doc_id": 0}\n'),
+     "step log {steps!r} row 1 lacks ['repeat', 'nfe', 'tokens_per_step', 'latency_s', 'generated_tokens', "
+     "'finished_at']"),
+    (lambda run: (run / "steps_rank0_2026.jsonl").unlink(),
+     "{run!r} has no step log rows of task 'arith' (steps_rank*.jsonl)"),
+])
+def test_a_damaged_run_is_one_line_naming_the_file(damage, message: str, runs: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    run = runs / "fast"
+    damage(run)
+    err = pareto_error(capsys, runs, tmp_path / "report")
+    assert err.startswith(message.format(results=str(run / "model" / "results_2026.json"),
+                                         steps=str(run / "steps_rank0_2026.jsonl"), run=str(run))), err

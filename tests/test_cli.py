@@ -1,4 +1,5 @@
-"""`l2pd generate` as a user runs it: help, a real decode, and one-line errors with exit code 2."""
+"""`l2pd generate` as a user runs it: help, a real decode, and one-line errors with exit code 2 (in-process through
+``main``; one real process end to end)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,48 @@ from pathlib import Path
 
 import pytest
 
+from l2pd_harness.cli import main
+
 
 def l2pd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "l2pd_harness.cli", *args], capture_output=True, text=True,
                           timeout=300)
 
 
-def test_help_documents_every_option() -> None:
-    out = l2pd("generate", "--help").stdout
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """``l2pd ARGS`` in this process: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def message_lines(err: str) -> list[str]:
+    """stderr without the progress bar's redraws (a failure after decoding began follows its bar)."""
+    return [line for line in err.splitlines() if line.strip() and "pos/s" not in line]
+
+
+def one_line_error(capsys, *args: str) -> str:
+    """The single stderr line of a refused ``l2pd ARGS`` (exit code 2)."""
+    code, _, err = run_main(capsys, *args)
+    assert code == 2, err
+    assert len(message_lines(err)) == 1 and "Traceback" not in err, err
+    return message_lines(err)[0]
+
+
+def test_help_documents_every_option(capsys) -> None:
+    code, out, _ = run_main(capsys, "generate", "--help")
+    assert code == 0
     for option in ("--model", "--prompt", "--input", "--output", "--gen-length", "--block-length", "--steps",
                    "--remasking", "--temperature", "--batch-size", "--dtype", "--device", "--seed", "--policy",
                    "--threshold", "--factor", "--eotp", "--no-eotp", "--cache", "--references"):
         assert option in out
 
 
+@pytest.mark.slow
 def test_generate_jsonl_round_trip(random_checkpoint: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(json.dumps({"prompt": p, "id": i}) for i, p in enumerate(["Tom has 12", "19"])))
@@ -37,20 +66,21 @@ def test_generate_jsonl_round_trip(random_checkpoint: Path, tmp_path: Path) -> N
         assert row["positions_per_step"] == [row["prompt_tokens"] + 16] * 8  # no cache: the whole sequence
         assert isinstance(row["text"], str) and row["latency_s"] > 0 and row["prompt_tokens"] > 2
         assert len(row["canvas"]) == 16 and 0 <= row["generated_tokens"] <= 16
-    assert not (tmp_path / "out.jsonl.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no staging file left
 
 
-def test_single_prompt_prints_json(random_checkpoint: Path) -> None:
-    result = l2pd("generate", "--model", str(random_checkpoint), "--prompt", "Tom has", "--gen-length", "8",
-                  "--block-length", "8")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["nfe"] == 8
+def test_single_prompt_prints_json(capsys, random_checkpoint: Path) -> None:
+    code, out, err = run_main(capsys, "generate", "--model", str(random_checkpoint), "--prompt", "Tom has",
+                              "--gen-length", "8", "--block-length", "8")
+    assert code == 0, err
+    assert json.loads(out)["nfe"] == 8
 
 
 @pytest.mark.parametrize("args, expected", [
     (["--gen-length", "32", "--block-length", "7"], "block_length=7 must be a positive divisor of gen_length=32"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
-    (["--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+    (["--batch-size", "0"], "batch_size=0 must be a positive integer"),
+    (["--gen-length", "x"], "argument --gen-length: gen_length='x' is not an integer"),
     (["--policy", "foo"], "argument --policy: invalid choice: 'foo' (choose from 'fixed', 'threshold', "
                           "'factor', 'oracle', 'learned')"),
     (["--policy", "threshold", "--threshold", "1.5"], "threshold=1.5 must be in (0, 1]"),
@@ -62,16 +92,11 @@ def test_single_prompt_prints_json(random_checkpoint: Path) -> None:
     (["--policy", "learned", "--accept-threshold", "1.5"], "accept_threshold=1.5 must be in (0, 1)"),
     (["--policy", "factor", "--factor", "0"], "factor=0.0 must be > 0"),
 ])
-def test_bad_values_give_one_line_and_exit_2(random_checkpoint: Path, args: list[str], expected: str) -> None:
-    result = l2pd("generate", "--model", str(random_checkpoint), "--prompt", "hi", *args)
-    assert result.returncode == 2
-    assert expected in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_values_give_one_line_and_exit_2(capsys, random_checkpoint: Path, args: list[str], expected: str) -> None:
+    assert expected in one_line_error(capsys, "generate", "--model", str(random_checkpoint), "--prompt", "hi", *args)
 
 
-def test_directory_without_config_is_one_line(tmp_path: Path) -> None:
-    result = l2pd("generate", "--model", str(tmp_path), "--prompt", "hi")
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith("has no config.json; expected a Hugging Face checkpoint directory "
-                                          "(config.json, model.safetensors, tokenizer files)")
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_directory_without_config_is_one_line(capsys, tmp_path: Path) -> None:
+    assert one_line_error(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi").endswith(
+        "has no config.json; expected a Hugging Face checkpoint directory (config.json, model.safetensors, "
+        "tokenizer files)")

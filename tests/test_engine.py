@@ -117,11 +117,24 @@ def test_eotp_cuts_passes(model) -> None:
         assert sum(result.tokens_per_step) >= end + 1  # commits later overwritten by an earlier end still count
 
 
-def test_oracle_follows_its_references(model) -> None:
+def test_oracle_commits_exactly_the_predictions_that_match_its_references(model) -> None:
     baseline = decode(model, PROMPTS[:3], policy="fixed")
-    oracle = decode(model, PROMPTS[:3], policy="oracle", references=[r.token_ids for r in baseline])
-    for base, result in zip(baseline, oracle, strict=True):
-        assert result.nfe <= base.nfe and MASK not in result.token_ids
+    steps_with_matches = []
+
+    def check(scheduled, output) -> None:
+        state = output.state
+        reference = torch.stack([request.reference for request in scheduled.requests])  # [B, L]
+        matches = (state.prediction == reference) & state.masked
+        for row in range(len(scheduled.requests)):
+            if matches[row].any():  # the defining property: exactly the matching masked positions
+                assert torch.equal(output.commit_mask[row], matches[row])
+                steps_with_matches.append(row)
+            else:  # no match: one position, the most confident masked one, so the decode progresses
+                assert int(output.commit_mask[row].sum()) == 1
+
+    cfg = DecodeConfig(gen_length=32, block_length=8, policy="oracle")
+    list(Engine(model, cfg).stream(PROMPTS[:3], [r.token_ids for r in baseline], on_step=check))
+    assert steps_with_matches
     with pytest.raises(ValueError, match="policy 'oracle' needs references"):
         decode(model, PROMPTS[:1], policy="oracle")
 

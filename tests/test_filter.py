@@ -210,6 +210,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600, cwd=ROOT)  # the shipped filter's card names its traces from the repository root
 
 
+@pytest.mark.slow
 def test_collect_train_and_decode_end_to_end(tmp_path: Path) -> None:
     """The real commands on the shipped model, small: traces -> filter -> learned decode."""
     traces = tmp_path / "traces"

@@ -16,7 +16,9 @@ from lm_eval.api.instance import Instance
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.likelihood import mask_counts
-from l2pd_harness.lm_eval_model import L2PDLM, ModelArgsError, as_bool, as_int
+from l2pd_harness.lm_eval_model import L2PDLM, ModelArgsError
+from l2pd_harness.lm_eval_tasks import TASKS_DIR
+from l2pd_harness.tasks import sample_problems
 from l2pd_harness.text import decode_response
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,28 +34,31 @@ def lm(random_checkpoint: Path) -> L2PDLM:
                                          "batch_size=3,mc_num=8", {"device": "cuda:0"})
 
 
-def test_lm_eval_types_are_coerced() -> None:
-    assert as_int("gen_length", 64.0) == 64 and as_int("gen_length", "64") == 64 and as_int("steps", "None") is None
-    assert as_bool("eotp", "True") is True and as_bool("eotp", False) is False
-    with pytest.raises(ValueError, match="model_args gen_length=64.5 is not an integer"):
-        as_int("gen_length", 64.5)
-    with pytest.raises(ValueError, match=r"model_args eotp='maybe' is not a boolean \(use one of"):
-        as_bool("eotp", "maybe")
+def test_lm_eval_values_are_coerced(random_checkpoint: Path) -> None:
+    lm = L2PDLM.create_from_arg_obj({"pretrained": str(random_checkpoint), "gen_length": 64.0, "steps": "None",
+                                     "eotp": "True", "threshold": "0.7", "policy": "threshold", "mc_num": "4",
+                                     "chat_template": "false"})
+    assert (lm.cfg.gen_length, lm.cfg.steps, lm.cfg.eotp, lm.cfg.threshold) == (64, 64, True, 0.7)
+    assert lm.mc_num == 4 and lm.chat_template_default is False
 
 
 @pytest.mark.parametrize("arg_string, message", [
     ("policy=foo", r"policy='foo' is not one of \['fixed', 'threshold', 'factor', 'oracle', 'learned'\]"),
-    ("threshold=abc", "model_args threshold='abc' is not a number"),
+    ("threshold=abc", "threshold='abc' is not a number"),
+    ("gen_length=64.5", "gen_length=64.5 is not an integer"),
+    ("eotp=maybe", r"eotp='maybe' is not a boolean \(use one of"),
+    ("dtype=int8", r"dtype='int8' is not one of \["),
     ("policy=learned,filter=/missing", "filter checkpoint '/missing': '/missing.safetensors' does not exist"),
     ("policy=learned", "policy 'learned' on .* needs a filter trained for it"),
     ("filter=/missing", r"only used by policy 'learned' \(got policy 'fixed', filter='/missing'"),
     ("cache=ring", r"cache='ring' is not one of \['none', 'prefix', 'dual'\]"),
-    ("colour=red", r"unknown model_args \['colour'\] for l2pd; known: \['pretrained', 'policy'"),
+    ("colour=red", r"unknown model_args \['colour'\] for l2pd; known: \['accept_threshold', 'batch_size'"),
     ("batch_size=auto", "automatic batch sizes are not supported"),
 ])
 def test_bad_model_args_name_the_value(random_checkpoint: Path, arg_string: str, message: str) -> None:
-    with pytest.raises(ModelArgsError, match=message):
+    with pytest.raises(ModelArgsError, match=message) as raised:
         L2PDLM.create_from_arg_string(f"pretrained={random_checkpoint},{arg_string}")
+    assert raised.value.code.startswith("lm_eval --model l2pd: error: ") and "\n" not in raised.value.code
 
 
 def test_learned_policy_defaults_to_the_shipped_filter() -> None:
@@ -78,7 +83,7 @@ def test_generate_until_matches_the_engine_and_applies_until(lm: L2PDLM) -> None
     assert cut == [texts[0].split(word, 1)[0]]
 
 
-def test_loglikelihood_is_seeded_and_prefers_the_likelier_continuation(lm: L2PDLM) -> None:
+def test_loglikelihood_is_seeded(lm: L2PDLM) -> None:
     requests = [instance("loglikelihood", ("Tom has 12", " apples")), instance("loglikelihood", ("Tom has", " 12"))]
     first, again = lm.loglikelihood(requests), lm.loglikelihood(requests)
     assert first == again
@@ -88,6 +93,17 @@ def test_loglikelihood_is_seeded_and_prefers_the_likelier_continuation(lm: L2PDL
         lm.loglikelihood_rolling([instance("loglikelihood_rolling", ("text",))])
 
 
+def test_loglikelihood_prefers_the_right_answer_on_the_shipped_model() -> None:
+    shipped = L2PDLM.create_from_arg_string("mc_num=8,batch_size=8")
+    for problem in sample_problems("arith", "test", 3, 123):
+        *solution, answer = problem["answer"].split("\n")  # the last line is "#### N"
+        wrong_answer = f"#### {int(answer.removeprefix('#### ')) + 1}"
+        right, wrong = shipped.loglikelihood([
+            instance("loglikelihood", (problem["prompt"], problem["answer"])),
+            instance("loglikelihood", (problem["prompt"], "\n".join([*solution, wrong_answer])))])
+        assert right[0] > wrong[0], (problem["question"], right, wrong)
+
+
 def test_mask_counts_cover_the_range_evenly() -> None:
     counts = mask_counts(10, 10, torch.Generator().manual_seed(0))
     assert sorted(counts.tolist()) == list(range(1, 11))
@@ -95,7 +111,7 @@ def test_mask_counts_cover_the_range_evenly() -> None:
 
 def lm_eval_cli(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     command = (launcher or [sys.executable, "-m"]) + ["lm_eval", "--model", "l2pd", "--tasks", "listops",
-                                                     "--include_path", str(REPO / "tasks"), *args]
+                                                     "--include_path", str(TASKS_DIR), *args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
@@ -111,9 +127,10 @@ def read_outputs(directory: Path) -> tuple[dict, list[dict], list[dict]]:
 MODEL_ARGS = "policy=threshold,eotp=true,gen_length=32,block_length=32"
 
 
+@pytest.mark.slow
 def test_stock_lm_eval_cli_single_and_two_processes(tmp_path: Path) -> None:
-    single = lm_eval_cli("--model_args", MODEL_ARGS, "--limit", "6", "--batch_size", "4", "--output_path",
-                         str(tmp_path / "single"), "--log_samples")
+    single = lm_eval_cli("--model_args", f"{MODEL_ARGS},log_dir={tmp_path / 'single'}", "--limit", "6",
+                         "--batch_size", "4", "--output_path", str(tmp_path / "single"), "--log_samples")
     assert single.returncode == 0, single.stderr[-3000:]
     results, samples, steps = read_outputs(tmp_path / "single")
     assert results["results"]["listops"]["exact_match,none"] == pytest.approx(
@@ -123,8 +140,9 @@ def test_stock_lm_eval_cli_single_and_two_processes(tmp_path: Path) -> None:
 
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
-    double = lm_eval_cli("--model_args", MODEL_ARGS, "--limit", "6", "--batch_size", "4", "--output_path",
-                         str(tmp_path / "double"), "--log_samples", launcher=launcher)
+    double = lm_eval_cli("--model_args", f"{MODEL_ARGS},log_dir={tmp_path / 'double'}", "--limit", "6",
+                         "--batch_size", "4", "--output_path", str(tmp_path / "double"), "--log_samples",
+                         launcher=launcher)
     assert double.returncode == 0, double.stderr[-3000:]
     results2, samples2, steps2 = read_outputs(tmp_path / "double")
     assert results2["results"]["listops"] == results["results"]["listops"]
@@ -134,9 +152,11 @@ def test_stock_lm_eval_cli_single_and_two_processes(tmp_path: Path) -> None:
     assert sorted(s["doc_id"] for s in steps2) == sorted(by_doc)
 
 
+@pytest.mark.slow
 def test_stock_cli_reports_bad_model_args_in_one_line(tmp_path: Path) -> None:
     result = lm_eval_cli("--model_args", "policy=foo", "--limit", "1")
-    assert result.returncode != 0
-    assert ("lm_eval --model l2pd: error: policy='foo' is not one of ['fixed', 'threshold', 'factor', 'oracle', "
-            "'learned']") in result.stderr
+    assert result.returncode == 1  # lm-eval's own convention for a usage error
+    assert result.stderr.splitlines()[-1] == ("lm_eval --model l2pd: error: policy='foo' is not one of ['fixed', "
+                                              "'threshold', 'factor', 'oracle', 'learned']")
+    assert "Traceback" not in result.stderr
     assert "Traceback" not in result.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,9 +12,14 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from l2pd_harness.cli import main
+from l2pd_harness.files import FileFormatError
 from l2pd_harness.loading import ModelLoadError, load_model, save_llada
 from l2pd_harness.models.llada import ConfigError, LLaDAConfig
 from tests.conftest import write_random_checkpoint
+
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+INDEX = "model.safetensors.index.json"
 
 
 def test_save_load_round_trip_keeps_state_dict(random_checkpoint: Path, tmp_path: Path) -> None:
@@ -32,19 +39,23 @@ def test_tensor_names_are_lladas(random_checkpoint: Path) -> None:
     assert {"model.transformer.ln_f.weight", "model.transformer.ff_out.weight"} <= names
 
 
-def test_sharded_checkpoint_loads_like_single_file(random_checkpoint: Path, tmp_path: Path) -> None:
+def write_sharded_copy(random_checkpoint: Path, directory: Path) -> Path:
+    """``random_checkpoint`` with its tensors split over two shard files and an index."""
     tensors = load_file(str(random_checkpoint / "model.safetensors"))
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {SHARDS[0]: names[: len(names) // 2], SHARDS[1]: names[len(names) // 2:]}
     for file, shard_names in shards.items():
-        save_file({n: tensors[n] for n in shard_names}, str(tmp_path / file))
+        save_file({n: tensors[n] for n in shard_names}, str(directory / file))
     weight_map = {n: file for file, shard_names in shards.items() for n in shard_names}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (directory / INDEX).write_text(json.dumps({"weight_map": weight_map}))
     for extra in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        (tmp_path / extra).write_bytes((random_checkpoint / extra).read_bytes())
+        (directory / extra).write_bytes((random_checkpoint / extra).read_bytes())
+    return directory
+
+
+def test_sharded_checkpoint_loads_like_single_file(random_checkpoint: Path, tmp_path: Path) -> None:
     single, _ = load_model(random_checkpoint)
-    sharded, _ = load_model(tmp_path)
+    sharded, _ = load_model(write_sharded_copy(random_checkpoint, tmp_path))
     ids = torch.arange(1, 12)[None]
     assert torch.equal(single(ids), sharded(ids))
 
@@ -119,3 +130,141 @@ def test_bad_dtype_and_backend(random_checkpoint: Path) -> None:
         load_model(random_checkpoint, dtype="fp8")
     with pytest.raises(ModelLoadError, match=r"backend 'vllm' is not one of \['native', 'hf'\]"):
         load_model(random_checkpoint, backend="vllm")
+
+
+def one_line_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """The message ``l2pd`` prints for ``argv``, checked to be one line with exit code 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("model", ["./missing", "/nonexistent-l2pd-model", "~/missing", "runs/a/ckpt", "missing/",
+                                   "C:\\models\\llada", "C:/models/llada"])
+def test_missing_directory_is_named_not_taken_for_a_hub_id(model: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=f"^model directory {re.escape(repr(model))} does not exist$"):
+        load_model(model)
+
+
+def test_missing_directory_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(["generate", "--model", "./missing", "--prompt", "hi"], capsys)
+    assert err == "l2pd generate: error: model directory './missing' does not exist\n"
+    with pytest.raises(ModelLoadError, match=f"^model directory {re.escape(repr(str(tmp_path / 'gone')))} does not"):
+        load_model(tmp_path / "gone")  # a Path is a directory, whatever its name
+
+
+def test_missing_directory_in_lm_eval_model_args() -> None:
+    from l2pd_harness.lm_eval_model import check_model_args
+
+    with pytest.raises(ModelLoadError, match="^model directory '/nonexistent' does not exist$"):
+        check_model_args({"pretrained": "/nonexistent"})
+
+
+@pytest.mark.parametrize("model", ["owner/na me", "owner/-name", "own--er/name"])
+def test_malformed_hub_id_is_named(model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=f"^model {re.escape(repr(model))} is neither an existing checkpoint "
+                                             r"directory nor a valid hub id \(owner/name"):
+        load_model(model)
+
+
+def test_file_given_as_model_directory(random_checkpoint: Path) -> None:
+    with pytest.raises(ModelLoadError, match="is a file; expected a Hugging Face checkpoint directory"):
+        load_model(random_checkpoint / "config.json")
+
+
+@pytest.mark.parametrize("keep", [0, 5, 40, -64], ids=["empty", "cut-in-header-size", "cut-in-header", "cut-in-data"])
+def test_truncated_weight_file_is_named(random_checkpoint: Path, tmp_path: Path, keep: int) -> None:
+    ckpt = shutil.copytree(random_checkpoint, tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep])
+    with pytest.raises(FileFormatError, match=f"^weight file {re.escape(repr(str(weights)))} is not a readable "
+                                              "safetensors file"):
+        load_model(ckpt)
+
+
+def test_truncated_or_missing_shard_is_named(random_checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = write_sharded_copy(random_checkpoint, tmp_path)
+    shard = ckpt / SHARDS[1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(FileFormatError, match=f"^weight file {re.escape(repr(str(shard)))} is not a readable"):
+        load_model(ckpt)
+    shard.unlink()
+    with pytest.raises(FileFormatError, match=f"^weight file {re.escape(repr(str(shard)))} does not exist$"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize(("index", "problem"), [
+    ('{"weight_map": {"a": ', "is not valid JSON"),
+    ("[]", "holds a JSON list, expected a JSON dict"),
+    ('{"metadata": {}}', 'has no "weight_map" object of tensor name -> file name'),
+    ('{"weight_map": {"a": 3}}', 'has no "weight_map" object of tensor name -> file name'),
+])
+def test_malformed_shard_index_is_named(random_checkpoint: Path, tmp_path: Path, index: str, problem: str) -> None:
+    ckpt = write_sharded_copy(random_checkpoint, tmp_path)
+    (ckpt / INDEX).write_text(index)
+    with pytest.raises(FileFormatError, match=f"^shard index {re.escape(repr(str(ckpt / INDEX)))} "
+                                              f"{re.escape(problem)}"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    ("", "is not valid JSON"), ('{"d_model": 32, "n_lay', "is not valid JSON"), ("\xff\xfe", "is not valid JSON"),
+    ("[1, 2]", "holds a JSON list, expected a JSON dict"),
+])
+def test_unreadable_config_is_named(random_checkpoint: Path, tmp_path: Path, config: str, problem: str) -> None:
+    ckpt = shutil.copytree(random_checkpoint, tmp_path / "ckpt")
+    (ckpt / "config.json").write_bytes(config.encode("latin-1"))
+    with pytest.raises(FileFormatError, match=f"^model config {re.escape(repr(str(ckpt / 'config.json')))} "
+                                              f"{re.escape(problem)}"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "Dream", "LLaDA"])
+def test_other_model_type_is_refused_even_with_lladas_keys(random_checkpoint: Path, tmp_path: Path,
+                                                           model_type: str) -> None:
+    ckpt = shutil.copytree(random_checkpoint, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    expected = f"model config {str(ckpt / 'config.json')!r}: model_type={model_type!r} is not supported; allowed: " \
+               "['llada']"
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+        load_model(ckpt)
+
+
+def test_damaged_tokenizer_is_named(random_checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = shutil.copytree(random_checkpoint, tmp_path / "ckpt")
+    (ckpt / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text()[:100])
+    with pytest.raises(ModelLoadError, match=f"^tokenizer of {re.escape(repr(str(ckpt)))} cannot be loaded: "):
+        load_model(ckpt)
+
+
+def test_damaged_checkpoint_from_the_command_line(random_checkpoint: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    ckpt = shutil.copytree(random_checkpoint, tmp_path / "ckpt")
+    (ckpt / "model.safetensors").write_bytes(b"")
+    err = one_line_error(["generate", "--model", str(ckpt), "--prompt", "hi"], capsys)
+    assert err.startswith(f"l2pd generate: error: weight file {str(ckpt / 'model.safetensors')!r} is not a readable")
+    (ckpt / "config.json").write_text("{")
+    err = one_line_error(["generate", "--model", str(ckpt), "--prompt", "hi"], capsys)
+    assert err.startswith(f"l2pd generate: error: model config {str(ckpt / 'config.json')!r} is not valid JSON")
+
+
+def test_tied_weights_are_implemented_and_checked(tmp_path: Path) -> None:
+    tied = write_random_checkpoint(tmp_path / "tied", weight_tying=True)
+    assert "model.transformer.ff_out.weight" not in load_file(str(tied / "model.safetensors"))
+    model, _ = load_model(tied)
+    hidden = torch.randn(1, 3, model.config.d_model)
+    expected = torch.nn.functional.linear(model.transformer.ln_f(hidden), model.transformer.wte.weight)
+    assert torch.equal(model.logits(hidden), expected[..., : model.config.vocab_size])
+    untied = write_random_checkpoint(tmp_path / "untied")
+    (untied / "config.json").write_bytes((tied / "config.json").read_bytes())
+    with pytest.raises(ModelLoadError, match=r"unexpected tensors \['model.transformer.ff_out.weight'\]"):
+        load_model(untied)

@@ -43,7 +43,7 @@ def hand_state(confidence: list[float], masked: list[bool], **extra) -> StepStat
 
 
 POLICIES = [FixedQuota(4), FixedQuota(4, "random"), Threshold(0.9), Threshold(0.5), Factor(1.0), Factor(0.3),
-            Oracle(), Learned(lambda state: state.confidence.sqrt())]
+            Oracle(), Learned(lambda state: state.confidence.sqrt(), 0.5)]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -137,7 +137,7 @@ def test_oracle_commits_exactly_the_matches() -> None:
 
 def test_learned_slot_commits_what_the_filter_accepts() -> None:
     state = hand_state([0.2, 0.8, 0.6, 0.9], [True, True, True, True])
-    flip = Learned(lambda s: 1 - s.confidence)  # a filter that trusts low confidence, to show it decides
+    flip = Learned(lambda s: 1 - s.confidence, 0.5)  # a filter that trusts low confidence, to show it decides
     assert flip(state).tolist() == [[True, False, False, False]]
 
 
@@ -174,7 +174,8 @@ def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
     ({"cache": "ring"}, r"cache='ring' is not one of \['none', 'prefix', 'dual'\]"),
     ({"threshold": 1.5}, r"threshold=1.5 must be in \(0, 1\]"),
     ({"factor": -1.0}, "factor=-1.0 must be > 0"),
-    ({"accept_threshold": 1.0}, r"accept_threshold=1.0 must be in \(0, 1\)"),
+    ({"policy": "learned", "accept_threshold": 1.0}, r"accept_threshold=1.0 must be in \(0, 1\)"),
+    ({"accept_threshold": 0.9}, "filter and accept_threshold are only used by policy 'learned'"),
     ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
 ])
 def test_bad_settings_name_the_value(settings: dict, message: str) -> None:

@@ -10,7 +10,6 @@ import pytest
 from l2pd_harness import regression
 from l2pd_harness.cli import main
 from l2pd_harness.decoding import policies
-from l2pd_harness.decoding.config import DecodeConfig
 
 
 def test_accuracy_tolerance_is_two_standard_errors_of_the_smoothed_accuracy() -> None:
@@ -21,16 +20,25 @@ def test_accuracy_tolerance_is_two_standard_errors_of_the_smoothed_accuracy() ->
     assert tolerance == pytest.approx(0.019706, abs=1e-5) and 0.01 < tolerance < 0.02
 
 
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """One cheap check (threshold 0.9 + EoTP on 16 arith problems), in force for the module's tests, and a reference
+    recorded for it once."""
+    check = regression.Check("threshold 0.9 + EoTP", {"policy": "threshold", "threshold": 0.9, "eotp": True}, n=16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(regression, "CHECKS", (check,))
+        patch.setattr(regression, "TASKS", ("arith",))
+        reference = tmp_path_factory.mktemp("regress") / "reference.json"
+        main(["regress", "--update", "--reference", str(reference)])
+        yield reference
+
+
 @pytest.fixture
-def small_check(monkeypatch, tmp_path):
-    """One cheap check (threshold 0.9 + EoTP on 16 arith problems) and a reference recorded for it."""
-    check = regression.Check("threshold 0.9 + EoTP", DecodeConfig(policy="threshold", threshold=0.9, eotp=True),
-                             n=16)
-    monkeypatch.setattr(regression, "CHECKS", (check,))
-    monkeypatch.setattr(regression, "TASKS", ("arith",))
-    reference = tmp_path / "reference.json"
-    main(["regress", "--update", "--reference", str(reference)])
-    return reference
+def small_check(recorded: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the recorded reference."""
+    copy = tmp_path / "reference.json"
+    copy.write_bytes(recorded.read_bytes())
+    return copy
 
 
 def force_threshold(monkeypatch, value: float) -> None:

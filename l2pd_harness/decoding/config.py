@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-POLICIES = ("fixed", "threshold", "factor", "oracle", "learned")
+from l2pd_harness.decoding.policies import POLICIES
+
 REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual")
+CHOICES = {"policy": tuple(POLICIES), "remasking": REMASKING, "cache": CACHES}
+"""The allowed values of the fields that take a name (the command line offers them as choices)."""
 
 
 @dataclass
@@ -18,7 +21,8 @@ class DecodeConfig:
     block_length: int = 32
     """Positions per semi-autoregressive block; must divide ``gen_length``."""
     policy: str = "fixed"
-    """Which masked positions of the block a forward pass commits: fixed, threshold, factor, oracle, learned."""
+    """Which masked positions of the block a forward pass commits: fixed (LLaDA's quota per step), threshold and
+    factor (Fast-dLLM's rules), oracle (what already equals a reference output), learned (a Learn2PD filter)."""
     steps: int | None = None
     """``fixed`` only: forward passes in total, spread evenly over the blocks; ``None`` means ``gen_length``
     (one token per step)."""
@@ -28,8 +32,12 @@ class DecodeConfig:
     """``threshold``: commit every masked position whose confidence exceeds this (at least one per step)."""
     factor: float = 1.0
     """``factor``: commit the n most confident positions while (n + 1) * (1 - c_n) < factor (at least one)."""
-    accept_threshold: float = 0.5
-    """``learned``: commit the masked positions whose filter probability exceeds this (at least one)."""
+    filter: str | None = None
+    """``learned``: filter checkpoint from `l2pd train-filter`; ``None`` is the filter shipped with the tiny model
+    (usable on that model only)."""
+    accept_threshold: float | None = None
+    """``learned``: commit the masked positions whose filter probability exceeds this (at least one); ``None`` is
+    the filter's own default, chosen on validation problems."""
     eotp: bool = False
     """End-of-Text Prediction: once end-of-text is committed at position p, commit every later position as
     end-of-text (no pass decodes them; they stay in the model's input)."""
@@ -54,14 +62,16 @@ class DecodeConfig:
         if self.steps <= 0 or self.steps % self.num_blocks or self.steps > self.gen_length:
             raise ValueError(f"steps={self.steps} must be a multiple of the number of blocks ({self.num_blocks}) "
                              f"between {self.num_blocks} and gen_length={self.gen_length}")
-        for name, value, allowed in (("policy", self.policy, POLICIES), ("remasking", self.remasking, REMASKING),
-                                     ("cache", self.cache, CACHES)):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
-        if not 0 < self.accept_threshold < 1:
+        if self.accept_threshold is not None and not 0 < self.accept_threshold < 1:
             raise ValueError(f"accept_threshold={self.accept_threshold} must be in (0, 1)")
+        if not POLICIES[self.policy].needs_filter and (self.filter is not None or self.accept_threshold is not None):
+            raise ValueError(f"filter and accept_threshold are only used by policy 'learned' (got policy "
+                             f"{self.policy!r}, filter={self.filter!r}, accept_threshold={self.accept_threshold!r})")
         if self.factor <= 0:
             raise ValueError(f"factor={self.factor} must be > 0")
         if self.temperature < 0:

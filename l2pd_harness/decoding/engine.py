@@ -14,10 +14,18 @@ from torch import nn
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import Policy, build_policy
 from l2pd_harness.decoding.runner import ModelRunner
-from l2pd_harness.decoding.scheduler import GenerationResult, RunnerOutput, Scheduler, SchedulerOutput
+from l2pd_harness.decoding.scheduler import (
+    GenerationResult,
+    RunnerOutput,
+    Scheduler,
+    SchedulerOutput,
+    check_lengths,
+)
 from l2pd_harness.models.llada import LLaDAModel
 
 StepObserver = Callable[[SchedulerOutput, RunnerOutput], None]
+ProgressObserver = Callable[[int], None]
+"""Called after every step with the canvas positions it committed (all requests together)."""
 
 
 class Engine:
@@ -37,12 +45,20 @@ class Engine:
         self.policy = build_policy(cfg) if policy is None else policy
 
     def stream(self, prompts: list[list[int]], references: list[list[int]] | None = None,
-               on_step: StepObserver | None = None) -> Iterator[tuple[int, GenerationResult]]:
+               on_step: StepObserver | None = None, on_progress: ProgressObserver | None = None
+               ) -> Iterator[tuple[int, GenerationResult]]:
         """Yield ``(prompt index, result)`` as sequences finish; ``references`` (the oracle's targets) are
         canvases of a previous decode, one per prompt; ``on_step`` sees every step's schedule and runner output
-        (trace collection) before it is committed."""
+        (trace collection) before it is committed; ``on_progress`` hears how many positions each step committed
+        (``len(prompts) * gen_length`` in all). Bad requests are refused here, before the first step."""
         if self.cfg.policy == "oracle" and references is None:
             raise ValueError("policy 'oracle' needs references: one reference output per prompt")
+        check_lengths([len(p) for p in prompts], self.cfg.gen_length,
+                      getattr(self.model.config, "max_sequence_length", None))
+        return self._steps(prompts, references, on_step, on_progress)
+
+    def _steps(self, prompts: list[list[int]], references: list[list[int]] | None, on_step: StepObserver | None,
+               on_progress: ProgressObserver | None) -> Iterator[tuple[int, GenerationResult]]:
         device = next(self.model.parameters()).device
         scheduler = Scheduler(self.cfg, self.model.config.mask_token_id, self.model.config.eos_token_id,
                               self.eot_ids, prompts, references, device)
@@ -52,7 +68,11 @@ class Engine:
             output = runner.execute(scheduled)
             if on_step is not None:
                 on_step(scheduled, output)
-            for request in scheduler.update_from_output(output):
+            before = scheduler.committed
+            finished = scheduler.update_from_output(output)
+            if on_progress is not None:
+                on_progress(scheduler.committed - before)
+            for request in finished:
                 yield request.request_id, request.result()
 
     def generate(self, prompts: list[list[int]], references: list[list[int]] | None = None

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from l2pd_harness.decoding.config import DecodeConfig
+if TYPE_CHECKING:
+    from l2pd_harness.decoding.config import DecodeConfig
+
+Filter = Callable[["StepState"], torch.Tensor]
+"""A learned filter: ``StepState -> [B, L]`` probability that each position's prediction is already final."""
 
 
 @dataclass
@@ -116,23 +120,41 @@ class Learned:
     """Learn2PD: ``filter(state) -> [B, L]`` probability that each position's prediction is already final;
     the masked positions above ``accept_threshold`` are committed (at least one, the most confident)."""
 
-    filter: Callable[[StepState], torch.Tensor]
-    accept_threshold: float = 0.5
+    filter: Filter
+    accept_threshold: float
 
     def __call__(self, state: StepState) -> torch.Tensor:
         return at_least_one(self.filter(state) > self.accept_threshold, state)
 
 
-def build_policy(cfg: DecodeConfig, learned_filter: Callable[[StepState], torch.Tensor] | None = None) -> Policy:
-    """The policy ``cfg.policy`` names, with its knobs from ``cfg``."""
-    if cfg.policy == "fixed":
-        return FixedQuota(cfg.steps_per_block, cfg.remasking)
-    if cfg.policy == "threshold":
-        return Threshold(cfg.threshold)
-    if cfg.policy == "factor":
-        return Factor(cfg.factor)
-    if cfg.policy == "oracle":
-        return Oracle()
-    if learned_filter is None:
-        raise ValueError("policy 'learned' needs a trained filter (`l2pd train-filter`; filter=PATH)")
-    return Learned(learned_filter, cfg.accept_threshold)
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy by name: how to build it from a config, and what the analysis calls its setting."""
+
+    build: Callable[[DecodeConfig, Filter | None], Policy]
+    """``(cfg, filter) -> policy``; ``filter`` is given only to a spec with ``needs_filter``."""
+    setting: Callable[[dict], str]
+    """A config's settings (``asdict(cfg)``) -> the label of what moves it along its family's curve."""
+    needs_filter: bool = False
+    """True for a policy that reads a trained filter (``filter``, ``accept_threshold``)."""
+
+
+POLICIES: dict[str, PolicySpec] = {
+    "fixed": PolicySpec(lambda cfg, _: FixedQuota(cfg.steps_per_block, cfg.remasking),
+                        lambda s: f"{s['gen_length'] // s['steps']} tok/step"),
+    "threshold": PolicySpec(lambda cfg, _: Threshold(cfg.threshold), lambda s: f"threshold {s['threshold']}"),
+    "factor": PolicySpec(lambda cfg, _: Factor(cfg.factor), lambda s: f"factor {s['factor']}"),
+    "oracle": PolicySpec(lambda cfg, _: Oracle(), lambda s: "oracle"),
+    "learned": PolicySpec(lambda cfg, learned: Learned(learned, cfg.accept_threshold),
+                          lambda s: f"accept {s['accept_threshold']}", needs_filter=True),
+}
+"""Every decode policy: adding one is an entry here (plus its class above and its tests)."""
+
+
+def build_policy(cfg: DecodeConfig, learned_filter: Filter | None = None) -> Policy:
+    """The policy ``cfg.policy`` names, with its knobs from ``cfg`` (``learned_filter`` for a policy that reads one;
+    front ends get it through :func:`l2pd_harness.settings.decode_setup`, which loads it)."""
+    spec = POLICIES[cfg.policy]
+    if spec.needs_filter and learned_filter is None:
+        raise ValueError(f"policy {cfg.policy!r} needs a trained filter (`l2pd train-filter`; filter=PATH)")
+    return spec.build(cfg, learned_filter)

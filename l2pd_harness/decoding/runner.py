@@ -15,7 +15,7 @@ from torch import nn
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.kv_cache import KVCache
 from l2pd_harness.decoding.policies import Policy, StepState
-from l2pd_harness.decoding.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from l2pd_harness.decoding.scheduler import DecodeError, RunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -25,6 +25,17 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     logits64 = logits.double()
     noise = torch.rand(logits64.shape, dtype=torch.float64, device=logits.device, generator=generator)
     return (logits64.exp() / (-noise.log()) ** temperature).argmax(dim=-1)
+
+
+def choose_tokens(logits: torch.Tensor, mask_id: int, temperature: float, generator: torch.Generator | None
+                  ) -> torch.Tensor:
+    """:func:`gumbel_argmax` over every token but the mask token (committing it would leave the position masked
+    forever). ``logits`` is left as it was: confidences still come from the model's own distribution."""
+    mask_logit = logits[..., mask_id].clone()  # [B, L]
+    logits[..., mask_id] = float("-inf")
+    prediction = gumbel_argmax(logits, temperature, generator)
+    logits[..., mask_id] = mask_logit
+    return prediction
 
 
 def right_pad(sequences: list[torch.Tensor], pad_id: int) -> torch.Tensor:
@@ -64,6 +75,7 @@ class ModelRunner:
         self.mask_id, self.pad_id = model.config.mask_token_id, model.config.eos_token_id
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.passes = 0
         self.cache = None
         if cfg.cache != "none":
             self.cache = KVCache(model.config, cfg.batch_size, next(model.parameters()).dtype, self.device)
@@ -116,10 +128,16 @@ class ModelRunner:
     def _decide(self, rows: list[ScheduledRequest], batch: StepBatch, logits: torch.Tensor,
                 computed: list[int]) -> RunnerOutput:
         """Token choice and confidence on each block position, then the policy's commit mask."""
+        self.passes += 1
         block_tokens = batch.ids.gather(1, self._block_columns(batch.block_start))  # [B, L]
-        prediction = gumbel_argmax(logits, self.cfg.temperature, self.generator)  # [B, L]
+        prediction = choose_tokens(logits, self.mask_id, self.cfg.temperature, self.generator)  # [B, L]
         probs = logits.double().softmax(-1)  # [B, L, V]
         confidence = probs.gather(-1, prediction[..., None]).squeeze(-1)  # [B, L]
+        finite = torch.isfinite(confidence).all(-1)  # [B]: NaN or infinite logits make every probability NaN
+        if not bool(finite.all()):
+            bad = [r.request_id for r, ok in zip(rows, finite.tolist(), strict=True) if not ok]
+            raise DecodeError(f"forward pass {self.passes}: the model returned NaN or infinite logits for request(s) "
+                              f"{bad} (corrupt weights, or an fp16 overflow: try dtype bfloat16 or float32)")
         top2 = probs.topk(2, dim=-1).values  # [B, L, 2]
         entropy = torch.special.entr(probs).sum(-1)  # [B, L]: one [B, L, V] temporary, 0 * log 0 read as 0
         reference = None

@@ -18,6 +18,22 @@ from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import StepState
 
 
+class DecodeError(ValueError):
+    """A request the engine cannot decode (too long for the model) or a decode that went wrong (no progress within
+    its budget, non-finite logits); the message names the request."""
+
+
+def check_lengths(prompt_lengths: list[int], gen_length: int, max_length: int | None) -> None:
+    """Refuse, before any decoding, the first prompt whose prompt + canvas exceeds the model's ``max_length``."""
+    if max_length is None:
+        return
+    for number, length in enumerate(prompt_lengths, start=1):
+        if length + gen_length > max_length:
+            raise DecodeError(f"prompt {number} of {len(prompt_lengths)}: {length} prompt tokens + {gen_length} canvas "
+                              f"positions = {length + gen_length}, {length + gen_length - max_length} more than the "
+                              f"model's max_sequence_length {max_length}")
+
+
 @dataclass(frozen=True)
 class ScheduledRequest:
     """What the runner needs of one request for one forward pass."""
@@ -103,6 +119,8 @@ class Scheduler:
             for i, prompt in enumerate(prompts))
         self.running: dict[int, Request] = {}
         self.free_slots = list(range(cfg.batch_size))[::-1]
+        self.committed = 0
+        """Canvas positions committed so far over all requests (decoded, or filled by EoTP): progress."""
 
     def _canvas_sized(self, reference: list[int], device: torch.device) -> torch.Tensor:
         tokens = torch.full((self.cfg.gen_length,), self.eos_id, device=device)
@@ -142,20 +160,25 @@ class Scheduler:
         block = r.canvas[start:start + self.cfg.block_length]  # a view: writes land in the canvas
         block[commit_mask] = prediction[commit_mask]
         r.tokens_per_step.append(int(commit_mask.sum()))
+        self.committed += r.tokens_per_step[-1]
         if self.cfg.eotp:
             ends = (commit_mask & torch.isin(prediction, self.eot_ids)).nonzero()
             # Commit everything after the first end-of-text as end-of-text: no pass is spent on it, yet the model
-            # still sees the padding it was trained with (dropping the tail instead cost 2.5 arith points at one token
-            # per step; at gen_length 1024 the ~1,000-token tail costs the tiny model's one-token listops 18 points,
-            # see benchmarks/README.md).
+            # still sees the end-of-text padding it was trained with (what dropping it instead costs is measured in
+            # benchmarks/README.md).
             if len(ends):
                 r.live_length = min(r.live_length, start + int(ends[0]) + 1)
+                self.committed += int((r.canvas[r.live_length:] == self.mask_id).sum())
                 r.canvas[r.live_length:] = self.eos_id
 
     def _advance(self, r: Request) -> bool:
         """Count the pass against the block, move to the next block once this one is committed; true when the
         whole live canvas is committed."""
         r.block_step += 1
+        if len(r.tokens_per_step) > self.cfg.gen_length:  # every pass commits at least one position
+            raise DecodeError(f"request {r.request_id} is not finished after {len(r.tokens_per_step)} forward passes, "
+                              f"more than its canvas of {self.cfg.gen_length} positions can need: its policy "
+                              "committed nothing in some passes")
         block_end = min((r.block + 1) * self.cfg.block_length, r.live_length)
         if (r.canvas[r.block * self.cfg.block_length:block_end] == self.mask_id).any():
             return False

@@ -18,16 +18,14 @@ features, block length, base model, cache mode, training data, validation metric
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.decoding.policies import Policy, StepState, build_policy
-from l2pd_harness.jsonl import save_tensors_atomic, write_atomic
+from l2pd_harness.decoding.policies import StepState
+from l2pd_harness.files import read_json, read_tensors, save_tensors_atomic, write_atomic
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint, resolve_checkpoint
 
 FEATURES = ("confidence", "margin", "entropy", "position", "committed_share", "left_settled", "confidence_rank")
@@ -118,8 +116,9 @@ class FilterCard:
     config: FilterConfig
     base_model: str
     """Fingerprint of the model whose decodes the filter was trained on (:func:`model_fingerprint`)."""
-    accept_threshold: float
-    """Default probability a position must exceed to be committed (chosen on validation problems)."""
+    accept_threshold: float | None
+    """Default probability a position must exceed to be committed, chosen on validation problems (``None`` only
+    while ``train-filter`` searches for it)."""
     cache: str = "none"
     """KV cache mode of the traces it was trained on."""
     training: dict = field(default_factory=dict)
@@ -163,12 +162,15 @@ def read_filter(path: str | Path) -> LearnedFilter:
         if not part.is_file():
             raise FilterError(f"filter checkpoint {str(path)!r}: {str(part)!r} does not exist (a checkpoint is "
                               "NAME.safetensors + NAME.json, written by `l2pd train-filter`)")
-    raw = json.loads(card_path.read_text())
+    raw = read_json(card_path, "filter card")
     if raw.get("format") != FORMAT:
         raise FilterError(f"{str(card_path)!r} has format {raw.get('format')!r}, expected {FORMAT!r}")
-    card = FilterCard(**{**raw, "config": FilterConfig(**raw["config"])})
-    net = FilterNet(card.config)
-    net.load_state_dict(load_file(str(weights)))
+    try:
+        card = FilterCard(**{**raw, "config": FilterConfig(**raw["config"])})
+        net = FilterNet(card.config)
+        net.load_state_dict(read_tensors(weights, "filter weights"))
+    except (TypeError, KeyError, RuntimeError) as err:  # keys or shapes that do not match the format
+        raise FilterError(f"filter checkpoint {str(path)!r} does not match its format {FORMAT!r} ({err})") from None
     return LearnedFilter(net, card)
 
 
@@ -196,20 +198,3 @@ def load_filter(path: str | Path | None, pretrained: str | Path | None, block_le
     learned = read_filter(path)
     check_compatible(learned.card, path, model_fingerprint(ckpt), block_length)
     return learned
-
-
-def decode_policy(cfg: DecodeConfig, path: str | Path | None = None, pretrained: str | Path | None = None,
-                  accept_threshold: float | None = None) -> tuple[DecodeConfig, Policy]:
-    """The policy ``cfg`` names and ``cfg`` as decoded; for ``learned``, the filter at ``path`` (default: the
-    shipped one) and its default accept threshold unless ``accept_threshold`` is given. A filter or accept
-    threshold for another policy is an error."""
-    if cfg.policy != "learned":
-        if path is not None or accept_threshold is not None:
-            raise FilterError(f"filter and accept_threshold are only used by policy 'learned' (got policy "
-                              f"{cfg.policy!r}, filter={None if path is None else str(path)!r}, "
-                              f"accept_threshold={accept_threshold!r})")
-        return cfg, build_policy(cfg)
-    learned = load_filter(path, pretrained, cfg.block_length)
-    threshold = learned.card.accept_threshold if accept_threshold is None else accept_threshold
-    cfg = replace(cfg, accept_threshold=threshold)
-    return cfg, build_policy(cfg, learned)

@@ -18,14 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import Policy
 from l2pd_harness.decoding.scheduler import RunnerOutput, SchedulerOutput
 from l2pd_harness.evaluation import grade_rows, iter_decoded
+from l2pd_harness.files import read_json, read_jsonl, read_tensors, save_tensors_atomic, write_atomic
 from l2pd_harness.filter.model import FilterError
-from l2pd_harness.jsonl import save_tensors_atomic, write_atomic
+from l2pd_harness.loading import model_fingerprint, resolve_checkpoint
+from l2pd_harness.settings import make_config
 
 TRAJECTORIES = ("reference", "oracle", "learned")
 
@@ -91,7 +92,28 @@ def is_validation(question: str, share: float) -> bool:
 
 def reference_config(gen_length: int, block_length: int, batch_size: int) -> DecodeConfig:
     """The slow reference whose final outputs are the labels: one token per step, no cache, no EoTP."""
-    return DecodeConfig(gen_length=gen_length, block_length=block_length, batch_size=batch_size)
+    return make_config({"gen_length": gen_length, "block_length": block_length, "batch_size": batch_size})
+
+
+def trace_meta(pretrained, cfg: DecodeConfig, trajectory: str, tasks: list[str], data_seed: int,
+               steps: dict[str, torch.Tensor], problems: list[dict]) -> TraceMeta:
+    """The ``meta.json`` of traces recorded by ``collect`` with ``cfg`` on the model ``pretrained``."""
+    accuracy = {task: round(sum(p["reference_correct"] for p in problems if p["task"] == task)
+                            / sum(p["task"] == task for p in problems), 4) for task in tasks}
+    return TraceMeta(base_model=model_fingerprint(resolve_checkpoint(pretrained)), trajectory=trajectory,
+                     tasks=tasks, gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cfg.cache,
+                     eotp=cfg.eotp, data_seed=data_seed, problems=len(problems), steps=len(steps["label"]),
+                     filter=cfg.filter, accept_threshold=cfg.accept_threshold, reference_accuracy=accuracy)
+
+
+def check_base_model(trace_dir: Path, pretrained) -> TraceMeta:
+    """The meta of ``trace_dir``, refused unless its traces come from the model ``pretrained``."""
+    meta = read_meta(trace_dir)
+    fingerprint = model_fingerprint(resolve_checkpoint(pretrained))
+    if meta.base_model != fingerprint:
+        raise TraceError(f"traces {str(trace_dir)!r} come from base model {meta.base_model}, the model given is "
+                         f"{fingerprint}")
+    return meta
 
 
 def collect(model, tokenizer, problems: list[dict], trajectory_cfg: DecodeConfig, trajectory: str,
@@ -133,14 +155,19 @@ def trace_file(trace_dir: Path, name: str) -> Path:
 
 
 def read_meta(trace_dir: Path) -> TraceMeta:
-    return TraceMeta(**json.loads(trace_file(trace_dir, "meta.json").read_text()))
+    path = trace_file(trace_dir, "meta.json")
+    raw = read_json(path, "trace meta")
+    try:
+        return TraceMeta(**raw)
+    except TypeError as err:
+        raise TraceError(f"trace meta {str(path)!r} does not match the trace format ({err})") from None
 
 
 def read_problems(trace_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in trace_file(trace_dir, "problems.jsonl").read_text().splitlines()]
+    return read_jsonl(trace_file(trace_dir, "problems.jsonl"), "trace problems")
 
 
 def load_traces(trace_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict], TraceMeta]:
     meta = read_meta(trace_dir)
-    steps = load_file(str(trace_file(trace_dir, "steps.safetensors")))
+    steps = read_tensors(trace_file(trace_dir, "steps.safetensors"), "trace steps")
     return steps, read_problems(trace_dir), meta

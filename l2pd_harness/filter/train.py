@@ -2,12 +2,12 @@
 
 Problems, never steps, are split into train and validation (a hash of the question text, so several trace
 directories of the same problems split alike). Loss: binary cross-entropy on the still-masked positions, the
-positive class weighted by negatives/positives when ``class_weight`` is on (off by default: most masked positions
-of the traces here are already final, and weighting only shifts the probabilities); early stopping on validation
-loss. The accept threshold is the lowest candidate from which on every decode of the validation problems
-(``learned`` + EoTP, the traces' cache mode) keeps every task's accuracy within ``max_accuracy_drop`` of the
-reference decode; :func:`rechoose_accept_threshold` makes that choice again for a trained filter on more problems
-it was not fitted on (``l2pd choose-threshold``).
+positive class weighted by negatives/positives when ``class_weight`` is on (off by default: the accept threshold
+is chosen afterwards, and weighting only shifts the probabilities); early stopping on validation loss. The accept
+threshold is the lowest candidate from which on every decode of the validation problems (``learned`` + EoTP, the
+traces' cache mode) keeps every task's accuracy within ``max_accuracy_drop`` of the reference decode;
+:func:`rechoose_accept_threshold` makes that choice again for a trained filter on more problems it was not fitted
+on (``l2pd choose-threshold``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.decoding.policies import Learned
+from l2pd_harness.decoding.policies import build_policy
 from l2pd_harness.evaluation import grade_rows, iter_decoded
 from l2pd_harness.filter.model import FilterCard, FilterConfig, FilterError, FilterNet, LearnedFilter, block_features
 from l2pd_harness.filter.traces import TraceMeta, is_validation, load_traces, read_problems
+from l2pd_harness.settings import make_config
 
 ACCEPT_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
 
@@ -159,9 +159,10 @@ def choose_accept_threshold(model, tokenizer, learned: LearnedFilter, problems: 
     the card."""
     search = []
     for threshold in ACCEPT_THRESHOLDS:
-        cfg = DecodeConfig(gen_length=meta.gen_length, block_length=meta.block_length, policy="learned",
-                           accept_threshold=threshold, eotp=True, cache=meta.cache, batch_size=batch_size)
-        rows = list(iter_decoded(model, tokenizer, problems, cfg, policy=Learned(learned, threshold),
+        cfg = make_config({"gen_length": meta.gen_length, "block_length": meta.block_length, "policy": "learned",
+                           "accept_threshold": threshold, "eotp": True, "cache": meta.cache,
+                           "batch_size": batch_size})
+        rows = list(iter_decoded(model, tokenizer, problems, cfg, policy=build_policy(cfg, learned),
                                  desc=f"accept threshold {threshold}"))
         point = {"accept_threshold": threshold}
         correct = grade_rows(rows)
@@ -196,7 +197,7 @@ def train_filter(trace_dirs: list[Path], filter_cfg: FilterConfig, cfg: FilterTr
                           f"{filter_cfg.block_length}")
     net = FilterNet(filter_cfg)
     log = fit(net, data, cfg)
-    learned = LearnedFilter(net, FilterCard(config=filter_cfg, base_model=meta.base_model, accept_threshold=0.5,
+    learned = LearnedFilter(net, FilterCard(config=filter_cfg, base_model=meta.base_model, accept_threshold=None,
                                             cache=meta.cache))
     threshold, search = choose_accept_threshold(model, tokenizer, learned, data.val_problems, meta,
                                                 cfg.max_accuracy_drop, batch_size)

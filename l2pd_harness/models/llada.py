@@ -6,7 +6,6 @@ Parameter names follow LLaDA's released checkpoints (``model.transformer.blocks.
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,23 +14,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l2pd_harness.files import read_json
+
 if TYPE_CHECKING:
     from l2pd_harness.decoding.kv_cache import CachePass
 
-# config.json keys that describe training only (dropout, initialisation, precision, provenance): read and ignored.
+# config.json keys read and ignored, grouped by why none can change what this implementation computes. Every key
+# LLaDA's own configuration class (configuration_llada.py: ModelConfig, LLaDAConfig) writes is a field of LLaDAConfig,
+# validated in _REQUIRED_VALUES, or here.
 _IGNORED_KEYS = frozenset({
-    "alibi_bias_max", "architectures", "attention_dropout", "attention_layer_norm_with_affine", "auto_map",
-    "bos_token_id", "embedding_dropout", "flash_attention", "init_cutoff_factor", "init_device", "init_fn",
-    "init_std", "model_type", "precision", "residual_dropout", "rope_full_precision", "torch_dtype",
-    "transformers_version", "use_cache", "dtype",
+    # Training only: dropout, initialisation, the attention kernel and mixed precision it was trained with, and the
+    # training length that LLaDA training code built on the official class adds (max_sequence_length is the limit).
+    "attention_dropout", "embedding_dropout", "residual_dropout", "init_cutoff_factor", "init_device", "init_fn",
+    "init_std", "flash_attention", "precision", "train_max_sequence_length",
+    # Settings of variants that _REQUIRED_VALUES refuses (ALiBi, query/key layer norm): inert while those are off.
+    "alibi_bias_max", "attention_layer_norm_with_affine",
+    # RoPE is always computed in fp32 here, LLaDA's published setting; false would only round it to the input dtype.
+    "rope_full_precision",
+    # Unused by a bidirectional denoiser: no begin-of-text id enters the forward pass, and use_cache is the flag of
+    # transformers' autoregressive generate().
+    "bos_token_id", "use_cache",
+    # Written by transformers' PretrainedConfig.save_pretrained: provenance, class names and the remote-code pointers
+    # (the native loader never runs that code), the storage dtype (weights are cast to the dtype asked for), and
+    # output flags of transformers' forward (this model returns logits only).
+    "_name_or_path", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "return_dict",
+    "output_attentions", "output_hidden_states",
 })
-# config.json keys that select an architecture variant: only LLaDA's Llama-style values are implemented.
+# config.json keys that select a model family or an architecture variant: only LLaDA's Llama-style values are
+# implemented.
 _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
+    "model_type": ("llada",),
     "activation_type": ("silu",),
     "alibi": (False,),
     "attention_layer_norm": (False,),
     "bias_for_layer_norm": (False, None),
-    "block_group_size": (1,),
+    "block_group_size": (1,),  # LLaDA's code names the tensors of grouped blocks differently
     "block_type": ("llama",),
     "include_bias": (False,),
     "include_qkv_bias": (False,),
@@ -42,6 +59,9 @@ _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "rope": (True,),
     "scale_logits": (False,),
 }
+# transformers' name for weight tying. LLaDA's own code ties by weight_tying alone, so the key is accepted only when it
+# says the same: a config where the two disagree does not say which model it is.
+_TIE_ALIAS = "tie_word_embeddings"
 
 
 class ConfigError(ValueError):
@@ -110,14 +130,17 @@ class LLaDAConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LLaDAConfig:
         """Build from config.json content; unknown keys or unsupported variants raise :class:`ConfigError`."""
+        for key, allowed in _REQUIRED_VALUES.items():  # first: another model_type also has keys unknown here
+            if key in raw and raw[key] not in allowed:
+                raise ConfigError(f"{key}={raw[key]!r} is not supported; allowed: {list(allowed)}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known - _IGNORED_KEYS - set(_REQUIRED_VALUES))
+        unknown = sorted(set(raw) - known - _IGNORED_KEYS - set(_REQUIRED_VALUES) - {_TIE_ALIAS})
         if unknown:
             allowed = sorted(known | set(_REQUIRED_VALUES))
             raise ConfigError(f"unknown config.json keys {unknown}; known keys: {allowed}")
-        for key, allowed in _REQUIRED_VALUES.items():
-            if key in raw and raw[key] not in allowed:
-                raise ConfigError(f"{key}={raw[key]!r} is not supported; allowed: {list(allowed)}")
+        tied = raw.get("weight_tying", False)
+        if raw.get(_TIE_ALIAS, tied) != tied:
+            raise ConfigError(f"{_TIE_ALIAS}={raw[_TIE_ALIAS]!r} contradicts weight_tying={tied!r}")
         missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in raw)
         if missing:
             raise ConfigError(f"config.json lacks required keys {missing}")
@@ -125,7 +148,12 @@ class LLaDAConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> LLaDAConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """From a config.json file; what is wrong with it is reported with the file's name."""
+        raw = read_json(path, "model config")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"model config {str(path)!r}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """config.json content that LLaDA's own code reads too."""

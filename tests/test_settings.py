@@ -1,0 +1,87 @@
+"""Settings: the one coercion, the one place configs are built, and options generated from DecodeConfig's fields
+(a knob added as a field reaches the command line and lm-eval's model_args with no other change)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import l2pd_harness.cli as cli
+from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.lm_eval_model import L2PDLM
+from l2pd_harness.settings import SettingsError, coerce, decode_setup, make_config, option_values
+
+
+@dataclass
+class ConfigWithKnob(DecodeConfig):
+    """DecodeConfig plus one knob, as a contributor would add it."""
+
+    lookahead: int = 3
+    """Positions a future policy would read ahead."""
+
+
+@pytest.mark.parametrize("value, kind, optional, expected", [
+    ("64", int, False, 64), (64.0, int, False, 64), ("None", int, True, None), (None, int, True, None),
+    ("0.5", float, False, 0.5), ("True", bool, False, True), ("off", bool, False, False), (False, bool, False, False),
+    ("dual", str, False, "dual"),
+])
+def test_coerce_reads_text_and_typed_values(value, kind: type, optional: bool, expected) -> None:
+    assert coerce("x", value, kind, optional) == expected
+
+
+@pytest.mark.parametrize("value, kind, message", [
+    ("64.5", int, "x='64.5' is not an integer"), (True, int, "x=True is not an integer"),
+    ("abc", float, "x='abc' is not a number"), ("maybe", bool, r"x='maybe' is not a boolean \(use one of"),
+    ("None", int, "x='None' is not an integer"),
+])
+def test_coerce_names_a_bad_value(value, kind: type, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        coerce("x", value, kind)
+
+
+def test_make_config_refuses_unknown_names_and_bad_values() -> None:
+    assert make_config({"gen_length": "64", "eotp": "yes"}) == DecodeConfig(gen_length=64, eotp=True)
+    with pytest.raises(SettingsError, match=r"unknown settings \['colour'\]; known: \['accept_threshold'"):
+        make_config({"colour": "red"})
+    with pytest.raises(SettingsError, match="block_length=5 must be a positive divisor of gen_length=64"):
+        make_config({"gen_length": 64, "block_length": 5})
+
+
+def test_decode_setup_resolves_the_learned_filter_and_its_threshold() -> None:
+    cfg, policy = decode_setup({"policy": "learned"})
+    assert 0 < cfg.accept_threshold < 1 and policy.accept_threshold == cfg.accept_threshold
+    cfg, policy = decode_setup({"policy": "learned", "accept_threshold": "0.42"})
+    assert cfg.accept_threshold == policy.accept_threshold == 0.42
+    assert decode_setup({"policy": "threshold", "threshold": 0.7})[1].threshold == 0.7
+
+
+def test_a_new_field_reaches_the_command_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(cli, "DecodeConfig", ConfigWithKnob)
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    assert "--lookahead LOOKAHEAD" in capsys.readouterr().out.replace("\n", " ")
+    args = parser.parse_args(["generate", "--prompt", "x", "--lookahead", "5", "--gen-length", "64"])
+    assert make_config(option_values(args, ConfigWithKnob), ConfigWithKnob).lookahead == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--prompt", "x", "--lookahead", "five"])
+    assert "argument --lookahead: lookahead='five' is not an integer" in capsys.readouterr().err
+
+
+def test_a_new_field_reaches_lm_eval_model_args(random_checkpoint: Path) -> None:
+    class ModelWithKnob(L2PDLM):
+        config_class = ConfigWithKnob
+
+    lm = ModelWithKnob.create_from_arg_string(f"pretrained={random_checkpoint},lookahead=7,gen_length=32")
+    assert isinstance(lm.cfg, ConfigWithKnob) and lm.cfg.lookahead == 7 and lm.settings["lookahead"] == 7
+
+
+def test_help_of_every_option_is_its_field_doc() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_decode_options(parser)
+    helps = {action.dest: action.help for action in parser._actions}
+    assert helps["accept_threshold"].startswith("``learned``: commit the masked positions whose filter probability")
+    assert helps["cfg_scale"].startswith("Classifier-free guidance strength")

@@ -15,7 +15,7 @@ uses the same).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import matplotlib
@@ -25,14 +25,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from l2pd_harness.cli import OneLineParser  # noqa: E402
+from l2pd_harness.decoding.config import CACHES  # noqa: E402
 from l2pd_harness.decoding.policies import POLICIES  # noqa: E402
-from l2pd_harness.files import FileFormatError, iter_jsonl, read_json  # noqa: E402
-from l2pd_harness.steplog import StepLogRow, summarise  # noqa: E402
+from l2pd_harness.files import FileFormatError, check_output_path, iter_jsonl, read_json  # noqa: E402
+from l2pd_harness.steplog import StepLogRow, is_count, is_finite_number, summarise  # noqa: E402
 
 AUP_DROP = 5.0  # accuracy points below a curve's first point past which its points no longer count
 PREFERRED_FILTERS = ("strict-match", "none", "exact")
 SETTINGS_COLUMNS = ("policy", "threshold", "factor", "eotp", "cache", "gen_length", "steps")
-SETTINGS_READ = (*SETTINGS_COLUMNS, "accept_threshold")  # what the table reads of a run's l2pd settings
+# What the table reads of a run's l2pd settings, and what each must hold (a results file may hold anything).
+SETTINGS_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "policy": (lambda value: isinstance(value, str) and value in POLICIES, f"one of {list(POLICIES)}"),
+    "threshold": (is_finite_number, "a number"),
+    "factor": (is_finite_number, "a number"),
+    "eotp": (lambda value: isinstance(value, bool), "a boolean"),
+    "cache": (lambda value: isinstance(value, str) and value in CACHES, f"one of {list(CACHES)}"),
+    "gen_length": (lambda value: is_count(value, minimum=1), "an integer >= 1"),
+    "steps": (lambda value: is_count(value, minimum=1), "an integer >= 1"),
+    "accept_threshold": (lambda value: value is None or is_finite_number(value), "a number or null"),
+}
 REQUEST_FIELDS = ("task", "doc_id", "repeat")  # which request a step-log row belongs to
 
 
@@ -67,9 +78,13 @@ def read_results(path: Path) -> tuple[dict, dict[str, dict]]:
     if not isinstance(settings, dict):
         raise FileFormatError(f"lm-eval results {str(path)!r} has no config.l2pd_settings mapping: not a run of "
                               "the l2pd model")
-    missing = [name for name in SETTINGS_READ if name not in settings]
+    missing = [name for name in SETTINGS_RULES if name not in settings]
     if missing:
         raise FileFormatError(f"lm-eval results {str(path)!r}: config.l2pd_settings lacks {missing}")
+    for name, (is_valid, expected) in SETTINGS_RULES.items():
+        if not is_valid(settings[name]):
+            raise FileFormatError(f"lm-eval results {str(path)!r}: config.l2pd_settings {name} "
+                                  f"{settings[name]!r} is not {expected}")
     tasks = results.get("results")
     if not isinstance(tasks, dict) or not tasks or not all(isinstance(metrics, dict) for metrics in tasks.values()):
         raise FileFormatError(f"lm-eval results {str(path)!r} has no 'results' mapping of tasks to metrics")
@@ -92,19 +107,21 @@ def results_files(runs_dir: Path) -> list[Path]:
     return [paths[0] for paths in by_run.values()]
 
 
-def step_rows(path: Path) -> Iterator[dict]:
-    """The rows of one step log, each checked for the fields that say which request it belongs to."""
+def step_rows(path: Path) -> Iterator[tuple[dict, StepLogRow]]:
+    """The rows of one step log with their step logs, each checked for the fields that say which request it
+    belongs to and for its step-log fields."""
     for number, row in enumerate(iter_jsonl(path, "step log"), start=1):
+        where = f"step log {str(path)!r} row {number}"
         missing = [name for name in REQUEST_FIELDS if name not in row]
         if missing:
-            raise FileFormatError(f"step log {str(path)!r} row {number} lacks {missing}")
-        yield row
+            raise FileFormatError(f"{where} lacks {missing}")
+        yield row, StepLogRow.from_row(row, where)
 
 
 def read_step_logs(run_dir: Path, task: str) -> list[StepLogRow]:
     """The step logs of ``task`` in a configuration directory, one per request (the last, if it was logged twice)."""
-    by_request = {(row["doc_id"], row["repeat"]): StepLogRow.from_row(row, f"step log row of {str(run_dir)!r}")
-                  for path in sorted(run_dir.glob("steps_rank*.jsonl")) for row in step_rows(path)
+    by_request = {(row["doc_id"], row["repeat"]): log
+                  for path in sorted(run_dir.glob("steps_rank*.jsonl")) for row, log in step_rows(path)
                   if row["task"] == task}
     if not by_request:
         raise FileFormatError(f"{str(run_dir)!r} has no step log rows of task {task!r} (steps_rank*.jsonl)")
@@ -227,15 +244,21 @@ def main(argv: list[str] | None = None) -> None:
     if not args.runs_dir.is_dir():
         parser.error(f"RUNS_DIR {str(args.runs_dir)!r} is not a directory")
     try:
+        out = check_output_path(args.out, "--out", directory=True)
         frame = load_runs(args.runs_dir)
     except ValueError as err:  # a FileFormatError naming the file, or runs the table cannot be made of
         parser.error(str(err))
-    args.out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out / "runs.csv", index=False)
-    (args.out / "table.md").write_text(markdown_table(frame))
-    for task in sorted(frame["task"].unique()):
-        plot_task(frame, task, args.out / f"{task}_pareto.png")
+    write_report(frame, out)
     print(markdown_table(frame))
+
+
+def write_report(frame: pd.DataFrame, out: Path) -> None:
+    """``runs.csv``, ``table.md`` and the plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "runs.csv", index=False)
+    (out / "table.md").write_text(markdown_table(frame))
+    for task in sorted(frame["task"].unique()):
+        plot_task(frame, task, out / f"{task}_pareto.png")
 
 
 if __name__ == "__main__":

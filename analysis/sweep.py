@@ -31,13 +31,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import UnionType
 
 import yaml
 from tqdm import tqdm
 
 from l2pd_harness.cli import OneLineParser
-from l2pd_harness.files import FileFormatError, require_file
+from l2pd_harness.files import FileFormatError, check_output_path, require_file
 from l2pd_harness.lm_eval_tasks import TASKS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,8 +127,13 @@ def check_grid(spec: object, where: str) -> None:
     tasks = spec["tasks"]
     if not isinstance(tasks, list) or not tasks or not all(isinstance(task, str) and task for task in tasks):
         raise FileFormatError(f"{where}: tasks {tasks!r} is not a list of task names")
-    check_positive(spec.get("limit"), f"{where}: limit", int | float)
-    check_positive(spec.get("batch_size"), f"{where}: batch_size", int)
+    known = known_tasks()
+    unknown_tasks = [task for task in tasks if task not in known]
+    if unknown_tasks:
+        raise FileFormatError(f"{where}: unknown tasks {unknown_tasks} (tasks and tags of {str(TASKS_DIR)!r}: "
+                              f"{sorted(known)})")
+    check_positive(spec.get("limit"), f"{where}: limit")
+    check_positive(spec.get("batch_size"), f"{where}: batch_size")
     check_arguments(spec.get("model_args", {}), f"{where} model_args")
     entries = spec["grid"]
     if not isinstance(entries, list) or not entries:
@@ -138,11 +142,28 @@ def check_grid(spec: object, where: str) -> None:
         check_arguments(entry, f"{where} grid entry {number}", lists=True)
 
 
-def check_positive(value: object, what: str, kind: type | UnionType) -> None:
-    """``value``, unless absent (``None``), must be a positive ``kind`` (lm-eval takes a fractional limit as a
-    share of the documents)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or value <= 0):
-        raise FileFormatError(f"{what} {value!r} is not a positive {'integer' if kind is int else 'number'}")
+def check_positive(value: object, what: str) -> None:
+    """``value``, unless absent (``None``), must be a positive integer (a limit is a count of documents: lm-eval
+    would read a fraction as a share of them, and the sweep's limits are counts)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise FileFormatError(f"{what} {value!r} is not a positive integer")
+
+
+class TaskYamlLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs, whose ``!function`` values name code the sweep does not need."""
+
+
+TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def known_tasks() -> set[str]:
+    """The task names and tags of the task YAMLs lm-eval is pointed at (``--include_path``)."""
+    names = set()
+    for path in TASKS_DIR.glob("*.yaml"):
+        task = yaml.load(path.read_text(), Loader=TaskYamlLoader)
+        tags = task.get("tag", [])
+        names |= {task.get("task", path.stem), *([tags] if isinstance(tags, str) else tags)}
+    return names
 
 
 def check_arguments(arguments: object, where: str, lists: bool = False) -> None:
@@ -339,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(separator in str(args.out) for separator in ",="):
         parser.error(f"--out {str(args.out)!r} contains ',' or '=', which lm-eval's --model_args cannot carry")
     try:
+        check_output_path(args.out, "--out", directory=True)
         spec = read_grid(args.grid)
         runs = configurations(spec)
         check_model_args_of(runs, f"grid {str(args.grid)!r}")

@@ -19,25 +19,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.decoding.policies import Policy, StepState
+from l2pd_harness.cli import OneLineParser, UsageError, positive_int, user_errors
+from l2pd_harness.decoding.config import CACHES, DecodeConfig
+from l2pd_harness.decoding.policies import POLICIES, Policy, StepState
 from l2pd_harness.evaluation import iter_decoded, summarise_rows
-from l2pd_harness.files import read_json, read_jsonl, write_atomic
+from l2pd_harness.files import FileFormatError, check_output_path, read_json, read_jsonl, require_file, write_atomic
 from l2pd_harness.filter.model import LearnedFilter, load_filter
 from l2pd_harness.loading import load_model
 from l2pd_harness.settings import coerce, decode_setup, make_config
 from l2pd_harness.tasks import TASKS, sample_problems
 
 HERE = Path(__file__).resolve().parent
+KNOB_SETTINGS = {"threshold": "threshold", "factor": "factor", "learned": "accept_threshold"}
+"""The setting each policy's knob (:attr:`Run.knob`) sets."""
 
 
 @dataclass(frozen=True)
@@ -169,29 +174,41 @@ def run_of(record: dict) -> Run:
     return Run(record["policy"], record["eotp"], record["cache"], record.get("knob"), record.get("filter"))
 
 
-def update_readme(readme: Path, results: dict, table: str) -> None:
+def readme_around(readme: Path, table: str) -> tuple[str, str]:
+    """The README's text up to and including the table's start marker, and from its end marker on."""
     start, end = f"<!-- {table}:start -->", f"<!-- {table}:end -->"
-    text = readme.read_text()
+    text = require_file(readme, "--readme").read_text()
     if start not in text or end not in text:
-        raise SystemExit(f"{readme} lacks the {start} ... {end} markers")
+        raise UsageError(f"--readme {str(readme)!r} lacks the {start} ... {end} markers (--table {table!r})")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
+    return head + start, end + tail
+
+
+def update_readme(readme: Path, results: dict, table: str) -> None:
+    head, tail = readme_around(readme, table)
     setup = results["setup"]
     caption = (f"\n{setup['n']} held-out test problems per task (seed {setup['data_seed']}), gen_length "
                f"{setup['gen_length']}, block_length {setup['block_length']}, batch size {setup['batch_size']}, "
                f"{setup['dtype']}, greedy; {setup['machine']}, torch {setup['torch']}.\n\n")
-    write_atomic(readme, head + start + caption + markdown_table(results) + "\n" + end + tail)
+    write_atomic(readme, head + caption + markdown_table(results) + "\n" + tail)
 
 
 def float_list(text: str) -> list[float]:
-    return [float(value) for value in text.split(",") if value]
+    try:
+        values = [float(value) for value in text.split(",") if value]
+    except ValueError:
+        values = []
+    if not values or not all(map(math.isfinite, values)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of finite numbers")
+    return values
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped tiny model)")
     p.add_argument("--tasks", default="arith,listops", help="comma-separated tasks (arith,listops)")
-    p.add_argument("--n", type=int, default=200, help="held-out problems per task (200)")
+    p.add_argument("--n", type=positive_int, default=200, help="held-out problems per task (200)")
     p.add_argument("--data-seed", type=int, default=123, help="problem sampling seed (123)")
     p.add_argument("--gen-length", type=int, default=256, help="canvas positions (256)")
     p.add_argument("--block-length", type=int, default=32, help="block length (32)")
@@ -213,54 +230,116 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--table", default="decode-table", help="name of the README's table markers (decode-table)")
     p.add_argument("--redo", action="append", default=[], metavar="RUN",
                    help="measure this run (e.g. fixed/none) again for --tasks, replacing its figures; repeatable")
-    return p.parse_args()
+    return p
+
+
+def names(option: str, text: str, known: Collection[str]) -> list[str]:
+    """The comma-separated names of ``option``, each one of ``known``."""
+    values = text.split(",")
+    unknown = [value for value in values if value not in known]
+    if unknown:
+        raise UsageError(f"{option}: unknown {unknown} (choose from {sorted(known)})")
+    return values
 
 
 def filter_paths(spec: str) -> dict[str, str | None]:
     """``NAME=PATH`` checkpoints (``shipped``: the tiny model's own, path ``None``)."""
-    return {name: path or None for name, _, path in (item.partition("=") for item in filter(None, spec.split(",")))}
+    paths: dict[str, str | None] = {}
+    for item in filter(None, spec.split(",")):
+        name, separator, path = item.partition("=")
+        if item != "shipped" and not (name and separator and path):
+            raise UsageError(f"--filters {item!r} is not NAME=PATH (or 'shipped', the tiny model's own filter)")
+        paths[name] = path or None
+    if not paths:
+        raise UsageError("--filters names no filter, which policy 'learned' needs")
+    return paths
+
+
+def run_settings(args: argparse.Namespace, run: Run, filters: dict[str, str | None]) -> dict:
+    """The decode settings of ``run``."""
+    knob = KNOB_SETTINGS.get(run.policy)
+    return {"gen_length": args.gen_length, "block_length": args.block_length, "policy": run.policy, "eotp": run.eotp,
+            "cache": run.cache, "batch_size": args.batch_size, **({knob: run.knob} if knob else {}),
+            **({"filter": filters[run.filter]} if run.policy == "learned" else {})}
+
+
+def setup_of(args: argparse.Namespace) -> dict:
+    """What the figures depend on besides the configuration: a results file holds runs of one setup."""
+    return {"n": args.n, "data_seed": args.data_seed, "gen_length": args.gen_length,
+            "block_length": args.block_length, "batch_size": args.batch_size, "dtype": "float32",
+            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores "
+                       f"({args.device})".replace("  ", " "),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def read_results(path: Path, setup: dict) -> dict:
+    """The results of earlier runs in ``path`` (none if it does not exist), which must be of the same setup."""
+    if not path.exists():
+        return {"setup": setup, "runs": {}}
+    results = read_json(path, "--out results")
+    if not isinstance(results.get("setup"), dict) or not isinstance(results.get("runs"), dict):
+        raise FileFormatError(f"--out results {str(path)!r} has no 'setup' and 'runs' mappings: not results of "
+                              "this benchmark")
+    if results["setup"] != setup:
+        raise UsageError(f"--out {str(path)!r} holds results of another setup {results['setup']}; move it away "
+                         "first")
+    return results
 
 
 def main() -> None:
-    args = parse_args()
-    tasks, policies, caches = args.tasks.split(","), args.policies.split(","), args.caches.split(",")
+    parser = build_parser()
+    args = parser.parse_args()
+    try:
+        benchmark(args)
+    except user_errors() as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def plan(args: argparse.Namespace) -> tuple[list[str], list[Run], dict[str, str | None]]:
+    """The tasks, the runs of the grid and the learned policy's filter paths, every setting of every run checked
+    (so a bad value is reported before the model is loaded)."""
+    tasks, policies = names("--tasks", args.tasks, TASKS), names("--policies", args.policies, POLICIES)
+    caches = names("--caches", args.caches, CACHES)
     eotps = [coerce("--eotp", value, bool) for value in args.eotp.split(",")]
-    for task in tasks:
-        if task not in TASKS:
-            raise SystemExit(f"--tasks: unknown task {task!r} (choose from {sorted(TASKS)})")
-    model, tokenizer = load_model(args.model, device=args.device)
     filters = filter_paths(args.filters) if "learned" in policies else {}
+    cards = {name: load_filter(path, args.model, args.block_length).card for name, path in filters.items()}
     knobs = {"threshold": args.thresholds, "factor": args.factors,
-             **{name: args.accept_thresholds or [load_filter(path, args.model, args.block_length).card.accept_threshold]
-                for name, path in filters.items()}}
-    setup = {"n": args.n, "data_seed": args.data_seed, "gen_length": args.gen_length,
-             "block_length": args.block_length, "batch_size": args.batch_size, "dtype": "float32",
-             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores "
-                        f"({args.device})".replace("  ", " "),
-             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    results = read_json(args.out, "--out results") if args.out.exists() else {"setup": setup, "runs": {}}
-    if results["setup"] != setup:
-        raise SystemExit(f"{args.out} holds results of another setup {results['setup']}; move it away first")
+             **{name: args.accept_thresholds or [card.accept_threshold] for name, card in cards.items()}}
+    runs = grid(policies, caches, eotps, knobs, filters)
+    for run in runs:
+        make_config(run_settings(args, run, filters))
+    return tasks, runs, filters
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """The results file, the rows directory and the README (with its table markers) can be written."""
+    check_output_path(args.out, "--out")
+    check_output_path(args.rows_dir, "--rows-dir", directory=True)
+    if args.readme != "none":
+        readme_around(check_output_path(args.readme, "--readme"), args.table)
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    """Every input checked (settings, filters, result and README files), then the grid decoded."""
+    tasks, runs, filters = plan(args)
+    check_outputs(args)
+    results = read_results(args.out, setup_of(args))
+    for name in args.redo:
+        if name not in results["runs"]:
+            raise UsageError(f"--redo {name!r}: no such run in {str(args.out)!r} (runs: {sorted(results['runs'])})")
+        for task in tasks:
+            results["runs"][name]["tasks"].pop(task, None)
+    model, tokenizer = load_model(args.model, device=args.device)
     problems = {task: sample_problems(task, "test", args.n, args.data_seed) for task in tasks}
     timer = ForwardTimer(model)
     with torch.no_grad():  # warm-up (a few passes), so the first timed run does not pay for lazy initialisation
         list(iter_decoded(model, tokenizer, problems[tasks[0]][:2], make_config(
             {"gen_length": args.gen_length, "block_length": args.block_length, "policy": "threshold", "eotp": True})))
-    for name in args.redo:
-        if name not in results["runs"]:
-            raise SystemExit(f"--redo {name!r}: no such run in {args.out} (runs: {sorted(results['runs'])})")
-        for task in tasks:
-            results["runs"][name]["tasks"].pop(task, None)
-    for run in grid(policies, caches, eotps, knobs, filters):
+    for run in runs:
         record = results["runs"].get(run.name, {**asdict(run), "tasks": {}})
         if all(task in record["tasks"] for task in tasks):
             continue
-        knob = {"threshold": "threshold", "factor": "factor", "learned": "accept_threshold"}.get(run.policy)
-        cfg, policy = decode_setup({"gen_length": args.gen_length, "block_length": args.block_length,
-                                    "policy": run.policy, "eotp": run.eotp, "cache": run.cache,
-                                    "batch_size": args.batch_size, **({knob: run.knob} if knob else {}),
-                                    **({"filter": filters[run.filter]} if run.policy == "learned" else {})},
-                                   args.model)
+        cfg, policy = decode_setup(run_settings(args, run, filters), args.model)
         for task in [t for t in tasks if t not in record["tasks"]]:
             rows_dir = args.rows_dir / task
             baseline_rows = rows_dir / (BASELINE.name.replace("/", "-") + ".jsonl")

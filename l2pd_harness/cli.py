@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.files import JsonlWriter, read_json, read_jsonl
+from l2pd_harness.files import JsonlWriter, check_output_path, read_json, read_jsonl
 from l2pd_harness.lm_eval_tasks import TASKS_DIR
 from l2pd_harness.loading import DTYPES
 from l2pd_harness.settings import add_config_options, argument_type, option_values
@@ -38,7 +38,8 @@ def add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     add_config_options(p, DecodeConfig)
     p.add_argument("--references", type=Path, default=None,
-                   help="policy oracle: an earlier `l2pd generate` output over the same prompts (its 'canvas')")
+                   help="policy oracle: an earlier `l2pd generate` output over the same prompts (its 'canvas'; a "
+                        "shorter canvas is followed by end-of-text, a longer one cut to --gen-length)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (cpu)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
@@ -53,15 +54,23 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="a single prompt; the result is printed as JSON")
     source.add_argument("--input", type=Path, help="JSONL file, one object per line with a 'prompt' field")
-    p.add_argument("--output", type=Path, help="JSONL file for the results (default: stdout)")
+    p.add_argument("--output", help="JSONL file for the results (default: stdout)")
     add_decode_options(p)
     p.set_defaults(func=run_generate)
+
+
+def read_input(path: Path) -> list[dict]:
+    """The rows of ``--input``; a file without any is refused (a run over nothing is a mistake, not a result)."""
+    rows = read_jsonl(path, "--input")
+    if not rows:
+        raise UsageError(f"--input {str(path)!r} holds no rows")
+    return rows
 
 
 def read_requests(args: argparse.Namespace) -> list[dict]:
     if args.prompt is not None:
         return [{"prompt": args.prompt}]
-    rows = read_jsonl(args.input, "--input")
+    rows = read_input(args.input)
     for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("prompt"), str):
             raise UsageError(f"--input {str(args.input)!r} row {number} has no string 'prompt' field")
@@ -69,7 +78,8 @@ def read_requests(args: argparse.Namespace) -> list[dict]:
 
 
 def read_references(args: argparse.Namespace, count: int) -> list[list[int]] | None:
-    """The oracle's targets: the ``canvas`` of each row of ``--references`` (required by, and only for, oracle)."""
+    """The oracle's targets: the ``canvas`` of each row of ``--references`` (required by, and only for, oracle);
+    their token ids are checked against the model by :func:`check_canvases` once it is loaded."""
     if args.policy != "oracle":
         if args.references is not None:
             raise UsageError(f"--references is only used by --policy oracle (got --policy {args.policy})")
@@ -78,10 +88,22 @@ def read_references(args: argparse.Namespace, count: int) -> list[list[int]] | N
         raise UsageError("--policy oracle needs --references FILE: an earlier `l2pd generate` output over the "
                          "same prompts")
     rows = read_jsonl(args.references, "--references")
-    if len(rows) != count or any(not isinstance(row.get("canvas"), list) for row in rows):
+    if len(rows) != count:
         raise UsageError(f"--references {str(args.references)!r} must hold {count} rows with a 'canvas' list "
                          f"(one per prompt, from `l2pd generate`), found {len(rows)} rows")
-    return [row["canvas"] for row in rows]
+    return [row.get("canvas") for row in rows]
+
+
+def check_canvases(canvases: list, source: Path, vocab_size: int, gen_length: int | None = None) -> None:
+    """Refuse a reference canvas that is not a list of the model's token ids (of ``gen_length`` tokens if given)."""
+    for number, canvas in enumerate(canvases, start=1):
+        if not isinstance(canvas, list) or not all(
+                isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocab_size for token in canvas):
+            raise UsageError(f"--references {str(source)!r} row {number}: 'canvas' must be a list of token ids in "
+                             f"[0, {vocab_size}) (the model's vocabulary)")
+        if gen_length is not None and len(canvas) != gen_length:
+            raise UsageError(f"--references {str(source)!r} row {number}: 'canvas' has {len(canvas)} tokens, "
+                             f"--gen-length is {gen_length}")
 
 
 def decoded_rows(args: argparse.Namespace, requests: list[dict], desc: str) -> tuple[DecodeConfig, Iterator[dict]]:
@@ -94,17 +116,19 @@ def decoded_rows(args: argparse.Namespace, requests: list[dict], desc: str) -> t
     cfg, policy = decode_setup(option_values(args, DecodeConfig), args.model, DecodeConfig)
     references = read_references(args, len(requests))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if references is not None:
+        check_canvases(references, args.references, model.config.vocab_size)
     return cfg, iter_decoded(model, tokenizer, requests, cfg, args.chat_template, references, desc=desc,
                              policy=policy)
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    if args.input is not None and args.output is not None and args.output.resolve() == args.input.resolve():
-        raise UsageError(f"--output {str(args.output)!r} is the --input file: it would be replaced; give another "
-                         "path")
+    output = None if args.output is None else check_output_path(args.output, "--output")
+    if args.input is not None and output is not None and output.resolve() == args.input.resolve():
+        raise UsageError(f"--output {str(output)!r} is the --input file: it would be replaced; give another path")
     requests = read_requests(args)
     _, rows = decoded_rows(args, requests, "generate")
-    with JsonlWriter(args.output) as out, contextlib.closing(rows):  # closing ends the progress bar first
+    with JsonlWriter(output) as out, contextlib.closing(rows):  # closing ends the progress bar first
         for row in rows:
             out.write(row)
 
@@ -117,6 +141,11 @@ def task_name(text: str) -> str:
     return text
 
 
+def task_list(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated task names."""
+    return tuple(task_name(name) for name in text.split(","))
+
+
 def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "data", help="write problems of a synthetic task as JSONL",
@@ -126,14 +155,14 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["train", "test"], help="split (test)")
     p.add_argument("--n", type=positive_int, default=500, help="number of problems (500)")
     p.add_argument("--seed", type=int, default=123, help="sampling seed (123)")
-    p.add_argument("--out", type=Path, required=True, help="output JSONL file")
+    p.add_argument("--out", required=True, help="output JSONL file")
     p.set_defaults(func=run_data)
 
 
 def run_data(args: argparse.Namespace) -> None:
     from l2pd_harness.tasks import sample_problems
 
-    with JsonlWriter(args.out) as out:
+    with JsonlWriter(check_output_path(args.out, "--out")) as out:
         for row in sample_problems(args.name, args.split, args.n, args.seed):
             out.write(row)
 
@@ -150,13 +179,13 @@ def add_grade_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_grade(args: argparse.Namespace) -> None:
     from l2pd_harness.evaluation import grade_rows, summarise_rows
 
-    rows = read_jsonl(args.input, "--input")
+    rows = read_input(args.input)
     for number, row in enumerate(rows, start=1):
         missing = [key for key in ("task", "text", "answer") if key not in row]
         if missing:
             raise UsageError(f"--input {str(args.input)!r} row {number} lacks {missing}")
-        if not isinstance(row["text"], str) or not isinstance(row["answer"], str):
-            raise UsageError(f"--input {str(args.input)!r} row {number}: 'text' and 'answer' must be strings")
+        if not all(isinstance(row[key], str) for key in ("task", "text", "answer")):
+            raise UsageError(f"--input {str(args.input)!r} row {number}: 'task', 'text' and 'answer' must be strings")
         try:
             task_name(row["task"])
         except argparse.ArgumentTypeError as err:
@@ -180,8 +209,8 @@ def add_train_base_parser(subparsers: argparse._SubParsersAction) -> None:
                     "writes a Hugging Face-layout checkpoint (config.json, model.safetensors, tokenizer) that "
                     "load_model() reads. Checkpoints every --checkpoint-every steps; --resume continues.")
     tasks = ",".join(BaseTrainConfig().tasks)
-    p.add_argument("--task", default=tasks, help=f"comma-separated tasks ({tasks})")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--task", type=task_list, default=tasks, help=f"comma-separated tasks ({tasks})")
+    p.add_argument("--out", required=True, help="checkpoint directory")
     add_config_options(p, BaseTrainConfig, ("steps", "warmup", "tokens_per_batch", "min_gen_length", "max_gen_length",
                                             "d_model", "n_layers", "n_heads", "mlp_hidden_size", "max_sequence_length",
                                             "checkpoint_every", "lr", "weight_decay", "long_share", "eps", "seed"))
@@ -200,13 +229,14 @@ def run_train_base(args: argparse.Namespace) -> None:
 
     settings = {f.name: getattr(args, f.name) for f in fields(BaseTrainConfig) if hasattr(args, f.name)}
     try:
-        cfg = BaseTrainConfig(**settings, tasks=tuple(task_name(t) for t in args.task.split(",")))
-    except (ValueError, argparse.ArgumentTypeError) as err:
+        cfg = BaseTrainConfig(**settings, tasks=args.task)
+    except ValueError as err:
         raise UsageError(str(err)) from None
     if args.resume and args.init_from is not None:
         raise UsageError("--resume continues --out's own run; it cannot be combined with --init-from")
+    out = check_output_path(args.out, "--out", directory=True)
     try:
-        log = train_base(cfg, args.out, device=args.device, resume=args.resume, num_workers=args.num_workers,
+        log = train_base(cfg, out, device=args.device, resume=args.resume, num_workers=args.num_workers,
                          init_from=args.init_from)
     except FileNotFoundError as err:
         raise UsageError(str(err)) from None
@@ -223,7 +253,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["train", "test"], help="split (test)")
     p.add_argument("--n", type=positive_int, default=500, help="number of problems (500)")
     p.add_argument("--data-seed", type=int, default=123, help="problem sampling seed (123)")
-    p.add_argument("--output", type=Path, help="also write the decoded rows as JSONL")
+    p.add_argument("--output", help="also write the decoded rows as JSONL")
     add_decode_options(p)
     p.set_defaults(func=run_evaluate)
 
@@ -232,10 +262,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from l2pd_harness.evaluation import summarise_rows
     from l2pd_harness.tasks import sample_problems
 
+    output = None if args.output is None else check_output_path(args.output, "--output")
     problems = sample_problems(args.task, args.split, args.n, args.data_seed)
     rows = []
     cfg, decoded = decoded_rows(args, problems, f"evaluate {args.task}")
-    with JsonlWriter(args.output) if args.output is not None else contextlib.nullcontext() as out, \
+    with JsonlWriter(output) if output is not None else contextlib.nullcontext() as out, \
             contextlib.closing(decoded):
         for row in decoded:
             rows.append(row)
@@ -253,16 +284,17 @@ def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:
                     "output, then record a trajectory: per step, the block's confidences, margins, entropies, "
                     "masked positions and the label 'current prediction equals the final output'. Writes "
                     "DIR/steps.safetensors, DIR/problems.jsonl, DIR/meta.json.")
-    p.add_argument("--task", default="arith,listops", help="comma-separated tasks (arith,listops)")
+    p.add_argument("--task", type=task_list, default="arith,listops", help="comma-separated tasks (arith,listops)")
     p.add_argument("--n", type=positive_int, default=128, help="training-split problems per task (128)")
     p.add_argument("--data-seed", type=int, default=11, help="problem sampling seed (11)")
-    p.add_argument("--out", type=Path, required=True, help="trace directory")
+    p.add_argument("--out", required=True, help="trace directory")
     p.add_argument("--trajectory", default="oracle", choices=TRAJECTORIES,
                    help="whose decode the steps come from: the reference itself, the oracle (commit what already "
                         "matches), or a trained filter's (learned, needs --filter) (oracle)")
     p.add_argument("--references", type=Path, action="append", default=None,
                    help="an earlier reference decode of the same problems (`l2pd generate --steps GEN_LENGTH` "
-                        "output, tasks in --task order; repeat per file), instead of decoding them again")
+                        "output at this --gen-length, tasks in --task order; repeat per file), instead of decoding "
+                        "them again")
     add_config_options(p, DecodeConfig, ("gen_length", "block_length", "batch_size", "cache", "eotp", "filter",
                                          "accept_threshold"), defaults={"eotp": True, "batch_size": 32})
     p.add_argument("--model", default=None, help=MODEL_HELP)
@@ -276,7 +308,8 @@ def run_collect_traces(args: argparse.Namespace) -> None:
     from l2pd_harness.settings import decode_setup
     from l2pd_harness.tasks import sample_problems
 
-    tasks = [task_name(t) for t in args.task.split(",")]
+    tasks = list(args.task)
+    out = check_output_path(args.out, "--out", directory=True)
     problems = [row for task in tasks for row in sample_problems(task, "train", args.n, args.data_seed)]
     if args.trajectory == "reference" and (args.cache != "none" or args.references):
         raise UsageError("--trajectory reference records the reference decode itself: no --cache, no --references")
@@ -284,18 +317,19 @@ def run_collect_traces(args: argparse.Namespace) -> None:
     values = {**option_values(args, DecodeConfig), "policy": policy,
               "eotp": args.eotp and args.trajectory != "reference"}
     cfg, policy_fn = decode_setup(values, args.model)
-    references = None
-    if args.references:
-        references = [row for path in args.references for row in read_jsonl(path, "--references")]
-        if [r.get("prompt") for r in references] != [p["prompt"] for p in problems]:
-            raise UsageError(f"--references {[str(p) for p in args.references]} do not hold the reference decodes "
-                             f"of these {len(problems)} problems (tasks {tasks}, --n {args.n}, --data-seed "
-                             f"{args.data_seed}) in order")
+    files = {path: read_jsonl(path, "--references") for path in args.references or ()}
+    references = [row for rows in files.values() for row in rows] if files else None
+    if references is not None and [r.get("prompt") for r in references] != [p["prompt"] for p in problems]:
+        raise UsageError(f"--references {[str(p) for p in args.references]} do not hold the reference decodes "
+                         f"of these {len(problems)} problems (tasks {tasks}, --n {args.n}, --data-seed "
+                         f"{args.data_seed}) in order")
     model, tokenizer = load_model(args.model, device=args.device)
+    for path, rows in files.items():
+        check_canvases([row.get("canvas") for row in rows], path, model.config.vocab_size, cfg.gen_length)
     steps, rows = collect(model, tokenizer, problems, cfg, args.trajectory, references, policy_fn)
     meta = trace_meta(args.model, cfg, args.trajectory, tasks, args.data_seed, steps, rows)
-    save_traces(args.out, steps, rows, meta)
-    print(json.dumps({"out": str(args.out), "steps": meta.steps, "problems": meta.problems,
+    save_traces(out, steps, rows, meta)
+    print(json.dumps({"out": str(out), "steps": meta.steps, "problems": meta.problems,
                       "masked_positions": int(steps["masked"].sum()),
                       "final_share": round(float(steps["label"][steps["masked"]].float().mean()), 4),
                       "reference_accuracy": meta.reference_accuracy}))
@@ -324,7 +358,9 @@ def run_regress(args: argparse.Namespace) -> None:
     from l2pd_harness.loading import load_model
 
     reference = None
-    if not args.update:
+    if args.update:
+        check_output_path(args.reference, "--reference")
+    else:
         if not args.reference.exists():
             raise UsageError(f"--reference {str(args.reference)!r} does not exist (record one with "
                              "`l2pd regress --update`)")
@@ -358,7 +394,7 @@ def add_train_filter_parser(subparsers: argparse._SubParsersAction) -> None:
                     "early stopping), choose its default accept threshold by decoding the validation problems, "
                     "and write FILE.safetensors + FILE.json. Prints precision/recall at that threshold.")
     p.add_argument("--traces", type=Path, nargs="+", required=True, help="trace directories from collect-traces")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint path (NAME.safetensors; NAME.json beside)")
+    p.add_argument("--out", required=True, help="checkpoint path (NAME.safetensors; NAME.json beside)")
     p.add_argument("--architecture", default="block_mlp", choices=ARCHITECTURES,
                    help="block_mlp: the paper's (block confidences -> a logit per position); position_mlp: a "
                         "shared MLP on each position's --features (block_mlp)")
@@ -378,6 +414,15 @@ def add_validation_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
 
 
+def check_filter_out(path: str) -> Path:
+    """``--out`` of a filter checkpoint, refused (before any training or decoding) where its files cannot go."""
+    from l2pd_harness.filter.model import checkpoint_paths
+
+    for part in (path, *checkpoint_paths(path)):
+        check_output_path(part, "--out")
+    return Path(path)
+
+
 def run_train_filter(args: argparse.Namespace) -> None:
     from l2pd_harness.filter.model import FEATURES, FilterConfig
     from l2pd_harness.filter.traces import check_base_model
@@ -386,6 +431,7 @@ def run_train_filter(args: argparse.Namespace) -> None:
 
     features = args.features.split(",") if args.features else (
         ["confidence"] if args.architecture == "block_mlp" else list(FEATURES))
+    out = check_filter_out(args.out)
     meta = check_base_model(args.traces[0], args.model)
     try:
         filter_cfg = FilterConfig(args.architecture, tuple(features), meta.block_length, args.hidden_size)
@@ -394,9 +440,9 @@ def run_train_filter(args: argparse.Namespace) -> None:
         raise UsageError(str(err)) from None
     model, tokenizer = load_model(args.model, device=args.device)
     learned = train_filter(args.traces, filter_cfg, train_cfg, model, tokenizer, args.decode_batch_size)
-    learned.save(args.out)
+    learned.save(out)
     card = learned.card
-    print(json.dumps({"out": str(args.out), "architecture": filter_cfg.architecture, "features": features,
+    print(json.dumps({"out": str(out), "architecture": filter_cfg.architecture, "features": features,
                       "accept_threshold": card.accept_threshold,
                       **{k: card.validation[k] for k in ("precision", "recall")},
                       **{k: card.training[k] for k in ("epochs", "best_val_loss", "parameters", "wall_time_s")}}))
@@ -415,7 +461,7 @@ def add_choose_threshold_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--filter", type=Path, required=True, help="filter checkpoint from `l2pd train-filter`")
     p.add_argument("--traces", type=Path, nargs="+", required=True,
                    help="trace directories from collect-traces (problems the filter was fitted on are left out)")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint path to write (NAME.safetensors)")
+    p.add_argument("--out", required=True, help="checkpoint path to write (NAME.safetensors)")
     add_config_options(p, FilterTrainConfig, ("max_accuracy_drop",))
     add_validation_decode_options(p)
     p.set_defaults(func=run_choose_threshold)
@@ -424,16 +470,21 @@ def add_choose_threshold_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_choose_threshold(args: argparse.Namespace) -> None:
     from l2pd_harness.filter.model import load_filter
     from l2pd_harness.filter.traces import read_meta
-    from l2pd_harness.filter.train import rechoose_accept_threshold
+    from l2pd_harness.filter.train import FilterTrainConfig, rechoose_accept_threshold
     from l2pd_harness.loading import load_model
 
+    out = check_filter_out(args.out)
+    try:
+        FilterTrainConfig(max_accuracy_drop=args.max_accuracy_drop)  # its checks of the setting
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     learned = load_filter(args.filter, args.model, read_meta(args.traces[0]).block_length)
     model, tokenizer = load_model(args.model, device=args.device)
     chosen = rechoose_accept_threshold(learned, args.traces, model, tokenizer, args.max_accuracy_drop,
                                        args.decode_batch_size)
-    chosen.save(args.out)
+    chosen.save(out)
     validation = chosen.card.validation
-    print(json.dumps({"out": str(args.out), "accept_threshold": chosen.card.accept_threshold,
+    print(json.dumps({"out": str(out), "accept_threshold": chosen.card.accept_threshold,
                       "replaces": validation["replaces"],
                       **{k: validation[k] for k in ("problems", "precision", "recall")}}))
 
@@ -464,8 +515,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from l2pd_harness.loading import ModelLoadError
     from l2pd_harness.models.llada import ConfigError
     from l2pd_harness.settings import SettingsError
+    from l2pd_harness.tasks import TaskError
 
-    return UsageError, ModelLoadError, ConfigError, FilterError, FileFormatError, SettingsError, DecodeError
+    return (UsageError, ModelLoadError, ConfigError, FilterError, FileFormatError, SettingsError, DecodeError,
+            TaskError)
 
 
 def kept_rows(err: BaseException) -> str:

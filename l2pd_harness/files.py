@@ -37,7 +37,7 @@ def read_json(path: str | os.PathLike, what: str, expect: type = dict):
     """The JSON value in ``path``, which must be an instance of ``expect``."""
     path = require_file(path, what)
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise FileFormatError(f"{what} {str(path)!r} is not valid JSON ({err})") from None
     if not isinstance(value, expect):
@@ -49,8 +49,12 @@ def read_json(path: str | os.PathLike, what: str, expect: type = dict):
 def iter_jsonl(path: str | os.PathLike, what: str) -> Iterator[dict]:
     """The JSON objects of ``path``, one per non-empty line."""
     path = require_file(path, what)
-    with path.open() as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # decoded line by line, so undecodable text is named by its line
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise FileFormatError(f"{what} {str(path)!r} line {number} is not UTF-8 text ({err})") from None
             if not line.strip():
                 continue
             try:
@@ -91,15 +95,65 @@ def open_tensors(path: str | os.PathLike, what: str, device: str | torch.device 
             raise FileFormatError(f"{what} {str(path)!r} is damaged ({err}): write or download it again") from None
 
 
+def check_output_path(path: str | os.PathLike, what: str, directory: bool = False) -> Path:
+    """``path`` as a Path, or a FileFormatError if a writer could not create it there: an empty path, an existing
+    directory where a file goes (an existing file where a ``directory`` goes), or a parent that is a file or not
+    writable. Creates nothing, so a command can check its outputs before its long work."""
+    if not str(path):
+        raise FileFormatError(f"{what} is an empty path")
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise FileFormatError(f"{what} {str(path)!r} is {'a file' if directory else 'a directory'}, expected "
+                              f"{'a directory' if directory else 'a file'}")
+    start = path.absolute() if directory else path.absolute().parent
+    existing = next(folder for folder in (start, *start.parents) if folder.exists())
+    if not existing.is_dir():
+        raise FileFormatError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FileFormatError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is not writable")
+    return path
+
+
+def _write_error(path: Path, err: OSError) -> FileFormatError:
+    return FileFormatError(f"cannot write {str(path)!r}: {err.strerror or err}")
+
+
 def _staging(path: Path) -> Path:
     """A new empty file beside ``path`` that no other writer uses."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from None
     os.close(handle)
+    return Path(name)
+
+
+def _publish(staging: Path, path: Path) -> None:
+    """Rename the complete ``staging`` file to ``path`` with a new file's permissions (mkstemp's 0600, or that of a
+    library that rewrote the staging file, would make every result file private)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would make every result file private
-    return Path(name)
+    try:
+        os.chmod(staging, 0o666 & ~umask)
+        os.replace(staging, path)
+    except OSError as err:
+        raise _write_error(path, err) from None
+
+
+@contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A staging file for a whole-file write: published to ``path`` when the block completes, removed when it
+    fails (a write error becomes a FileFormatError naming ``path``)."""
+    staging = _staging(path)
+    try:
+        yield staging
+        _publish(staging, path)
+    except BaseException as err:
+        staging.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from None
+        raise
 
 
 class JsonlWriter:
@@ -136,24 +190,26 @@ class JsonlWriter:
                 write_atomic(self.path, "")
             return
         self.handle.close()
-        if exc_type is None:
-            os.replace(self.staging, self.path)
-        elif exc is not None:
+        try:
+            if exc_type is None:
+                _publish(self.staging, self.path)
+        except FileFormatError as err:
+            err.kept_rows = self.kept  # the rows stay in the staging file, as for any failure after the first row
+            raise
+        if exc is not None:
             exc.kept_rows = self.kept  # read by the command line's one-line report
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a staging file, so ``path`` is either the old or the whole new text."""
-    staging = _staging(path)
-    staging.write_text(text)
-    os.replace(staging, path)
+    with _staged(path) as staging:
+        staging.write_text(text)
 
 
 def save_tensors_atomic(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors`` file written through a staging file, like :func:`write_atomic`."""
     from safetensors.torch import save_file
 
-    staging = _staging(path)
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(staging),
-              metadata=metadata)
-    os.replace(staging, path)
+    with _staged(path) as staging:
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(staging),
+                  metadata=metadata)

@@ -27,7 +27,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import hash_string, simple_parse_args_string
 from tqdm import tqdm
 
-from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.config import CHOICES, DecodeConfig
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.evaluation import decode_progress, finish_prompt
 from l2pd_harness.files import JsonlWriter
@@ -80,12 +80,17 @@ def split_model_args(model_args: dict, config_class: type[DecodeConfig] = Decode
     unknown = sorted(set(model_args) - model_names - decode_names)
     if unknown:
         raise SettingsError(f"unknown model_args {unknown} for l2pd; known: {sorted(model_names | decode_names)}")
+    if model_args.get("policy") == "oracle":
+        raise SettingsError("policy='oracle' decodes toward a reference output per request, which lm-eval does not "
+                            f"give; use one of {[name for name in CHOICES['policy'] if name != 'oracle']}")
     batch_size = model_args.get("batch_size")
     if str(batch_size).startswith("auto"):
         raise SettingsError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give a number of "
                             "sequences in flight")
     own = ModelArgs(**coerce_fields(ModelArgs, {k: v for k, v in model_args.items() if k in model_names}))
-    return own, {k: v for k, v in model_args.items() if k in decode_names}
+    # lm-eval reads the text "none" as None; for a setting whose choices include "none" (cache) it meant the name.
+    return own, {k: "none" if v is None and "none" in CHOICES.get(k, ()) else v
+                 for k, v in model_args.items() if k in decode_names}
 
 
 def check_model_args(model_args: dict, config_class: type[DecodeConfig] = DecodeConfig) -> None:
@@ -148,11 +153,14 @@ class L2PDLM(LM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> L2PDLM:
-        """Like lm-eval's; a bad setting or checkpoint is a :class:`ModelArgsError` (one line, exit status 1)."""
+        """Like lm-eval's, but a setting both in ``model_args`` and among lm-eval's own options (``--device``,
+        ``--batch_size``) takes the ``model_args`` value, as lm-eval's HF model does, rather than being passed twice;
+        a bad setting or checkpoint is a :class:`ModelArgsError` (one line, exit status 1)."""
         from l2pd_harness.cli import user_errors
 
+        given = {name: value for name, value in (additional_config or {}).items() if value is not None}
         try:
-            return super().create_from_arg_obj(arg_dict, additional_config)
+            return cls(**{**given, **arg_dict})
         except user_errors() as err:
             raise ModelArgsError(f"lm_eval --model l2pd: error: {err}") from None
 

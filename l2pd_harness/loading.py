@@ -99,6 +99,34 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""The kinds of torch device the loaders and trainers run on."""
+
+
+def available_devices() -> list[str]:
+    """The device names this machine can run on, for error messages."""
+    cuda = [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ["cpu", *(["cuda"] if cuda else []), *cuda, *(["mps"] if torch.backends.mps.is_available() else [])]
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    """``name`` as a device this machine has; a malformed name or an absent accelerator is a ModelLoadError naming
+    the devices available here (torch itself fails late, deep in loading or training, with a traceback)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ModelLoadError(f"device {str(name)!r} is not one of {available_devices()}")
+    if device.type == "cpu":
+        return torch.device("cpu")  # safetensors refuses "cpu:0"
+    present = torch.cuda.device_count() if device.type == "cuda" else int(torch.backends.mps.is_available())
+    if present == 0 or (device.index or 0) >= present:
+        raise ModelLoadError(f"device {str(name)!r} is not available on this machine; available: "
+                             f"{available_devices()}")
+    return device
+
+
 def _tensor_files(ckpt: Path) -> list[Path]:
     if (ckpt / SHARD_INDEX).is_file():
         return [ckpt / name for name in sorted(set(_shard_map(ckpt / SHARD_INDEX).values()))]
@@ -224,11 +252,11 @@ def load_model(pretrained: str | os.PathLike | None = None, dtype: str = "float3
     """
     if backend not in BACKENDS:
         raise ModelLoadError(f"backend {backend!r} is not one of {list(BACKENDS)}")
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     ckpt = resolve_checkpoint(pretrained)
     if backend == "native":  # config.json is checked first, so a wrong one is named as such, not as a tokenizer error
-        model = load_llada(ckpt, torch_dtype, device)
+        model = load_llada(ckpt, torch_dtype, torch_device)
         return model, load_tokenizer(ckpt)
     # Only here is a checkpoint's own code run: the user asked for it by choosing backend='hf'.
     tokenizer = load_tokenizer(ckpt, trust_remote_code=True)
-    return _load_remote_code(ckpt, torch_dtype, device, tokenizer), tokenizer
+    return _load_remote_code(ckpt, torch_dtype, torch_device, tokenizer), tokenizer

@@ -57,6 +57,10 @@ CHECKS = (
 )
 
 
+FIGURES = {"n": int, "correct": int, "accuracy": int | float, "mean_nfe": int | float}
+"""What a reference records of each check on each task, and its JSON type."""
+
+
 class RegressionError(ValueError):
     """A reference that cannot be compared with this checkout (missing, or recorded for something else)."""
 
@@ -97,9 +101,30 @@ def check_comparable(reference: dict) -> None:
             raise RegressionError(f"the reference was recorded with {key} {reference['identity'].get(key)!r}, this "
                                   f"checkout has {now[key]!r}: record a new one on purpose (`l2pd regress --update`)")
     configs = check_configs()
-    if {name: run["config"] for name, run in reference["runs"].items()} != configs:
-        raise RegressionError(f"the reference's checks {sorted(reference['runs'])} (or their settings) differ from "
-                              f"this checkout's {sorted(configs)}: record a new reference (`l2pd regress --update`)")
+    if sorted(reference["runs"]) != sorted(configs):
+        raise RegressionError(f"the reference's checks {sorted(reference['runs'])} differ from this checkout's "
+                              f"{sorted(configs)}: record a new reference (`l2pd regress --update`)")
+    for name, config in configs.items():
+        if sorted(reference["runs"][name]["tasks"]) != sorted(TASKS):
+            raise RegressionError(f"the reference's check {name!r} has tasks {sorted(reference['runs'][name]['tasks'])}"
+                                  f", this checkout checks {sorted(TASKS)}: record a new reference "
+                                  "(`l2pd regress --update`)")
+        differences = setting_differences(reference["runs"][name]["config"], config)
+        if differences:
+            raise RegressionError(f"the reference's check {name!r} was recorded with other settings than this "
+                                  f"checkout's ({'; '.join(differences)}): record a new reference "
+                                  "(`l2pd regress --update`)")
+
+
+def setting_differences(recorded: dict, current: dict) -> list[str]:
+    """``key: recorded -> current`` for every setting whose value differs or that only one of them has."""
+
+    def shown(config: dict, key: str) -> str:
+        return repr(config[key]) if key in config else "absent"
+
+    keys = sorted(recorded.keys() | current.keys())
+    return [f"{key}: {shown(recorded, key)} -> {shown(current, key)}" for key in keys
+            if key not in recorded or key not in current or recorded[key] != current[key]]
 
 
 def check_shape(reference: dict) -> None:
@@ -108,12 +133,16 @@ def check_shape(reference: dict) -> None:
         if not isinstance(reference.get(key), dict):
             raise RegressionError(f"the reference has no {key!r} object: record one with `l2pd regress --update`")
     for name, run in reference["runs"].items():
-        if not isinstance(run, dict) or not isinstance(run.get("tasks"), dict) or "config" not in run:
-            raise RegressionError(f"the reference's check {name!r} lacks its 'config' or 'tasks'")
+        if not (isinstance(run, dict) and isinstance(run.get("tasks"), dict) and isinstance(run.get("config"), dict)):
+            raise RegressionError(f"the reference's check {name!r} lacks its 'config' or 'tasks' object")
         for task, figures in run["tasks"].items():
-            missing = {"n", "correct", "accuracy", "mean_nfe"} - set(figures if isinstance(figures, dict) else {})
+            missing = set(FIGURES) - set(figures if isinstance(figures, dict) else {})
             if missing:
                 raise RegressionError(f"the reference's check {name!r} / {task} lacks {sorted(missing)}")
+            for key, kind in FIGURES.items():
+                if isinstance(figures[key], bool) or not isinstance(figures[key], kind):
+                    raise RegressionError(f"the reference's check {name!r} / {task} has {key}={figures[key]!r}, "
+                                          f"expected {'an integer' if kind is int else 'a number'}")
 
 
 def measure(model, tokenizer, batch_size: int) -> dict:

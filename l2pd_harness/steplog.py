@@ -14,11 +14,26 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 from l2pd_harness.decoding.scheduler import GenerationResult
 from l2pd_harness.files import FileFormatError
 from l2pd_harness.text import response_length
+
+
+def is_count(value: object, minimum: int = 0) -> bool:
+    """An integer (JSON's, not a boolean) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_count_list(value: object) -> bool:
+    return isinstance(value, list) and all(is_count(item) for item in value)
+
+
+def is_finite_number(value: object, minimum: float = -math.inf) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= minimum)
 
 
 @dataclass(frozen=True)
@@ -56,7 +71,22 @@ class StepLogRow:
         missing = [f.name for f in fields(cls) if f.name not in row]
         if missing:
             raise FileFormatError(f"{where} lacks the step-log fields {missing}")
+        for name, (is_valid, expected) in FIELD_RULES.items():
+            if not is_valid(row[name]):
+                raise FileFormatError(f"{where}: step-log field {name} {row[name]!r} is not {expected}")
         return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+# What each step-log field must hold for the counting rule to apply (a row read back from a file may hold anything).
+FIELD_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "nfe": (lambda value: is_count(value, minimum=1), "an integer >= 1"),
+    "tokens_per_step": (is_count_list, "a list of integers >= 0"),
+    "positions_per_step": (is_count_list, "a list of integers >= 0"),
+    "latency_s": (lambda value: is_finite_number(value, minimum=0.0), "a finite number >= 0"),
+    "prompt_tokens": (is_count, "an integer >= 0"),
+    "generated_tokens": (is_count, "an integer >= 0"),
+    "finished_at": (is_finite_number, "a finite number"),
+}
 
 
 @dataclass(frozen=True)

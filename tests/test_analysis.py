@@ -17,21 +17,24 @@ sys.path.insert(0, str(REPO / "analysis"))
 import pareto  # noqa: E402
 import sweep  # noqa: E402
 
+SETTINGS = {"policy": "fixed", "threshold": 0.9, "factor": 1.0, "eotp": False, "cache": "none", "gen_length": 64,
+            "steps": 64, "accept_threshold": 0.5}
+
 
 def write_run(root: Path, name: str, settings: dict, accuracy: float, steps: list[dict]) -> None:
     """A recorded run as lm-eval and the l2pd model leave it: results JSON one level down, step logs beside."""
     run = root / name
     (run / "model").mkdir(parents=True)
     results = {"results": {"arith": {"exact_match,strict-match": accuracy, "exact_match_stderr,strict-match": 0.05}},
-               "config": {"l2pd_settings": {"threshold": 0.9, "factor": 1.0, "eotp": False, "cache": "none",
-                                            "gen_length": 64, "steps": 64, "accept_threshold": 0.5, **settings}}}
+               "config": {"l2pd_settings": {**SETTINGS, **settings}}}
     (run / "model" / "results_2026.json").write_text(json.dumps(results))
     (run / "steps_rank0_2026.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
 
 
 def step(doc_id: int, nfe: int, committed: int, generated: int, latency: float, finished_at: float) -> dict:
     return {"task": "arith", "doc_id": doc_id, "repeat": 0, "nfe": nfe, "tokens_per_step": [committed // nfe] * nfe,
-            "latency_s": latency, "generated_tokens": generated, "finished_at": finished_at}
+            "positions_per_step": [64 + 8] * nfe, "latency_s": latency, "prompt_tokens": 8,
+            "generated_tokens": generated, "finished_at": finished_at}
 
 
 @pytest.fixture()
@@ -149,14 +152,21 @@ def test_an_empty_directory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
      "lm-eval results {results!r}: config.l2pd_settings lacks ['threshold', 'factor', 'eotp', 'cache', "
      "'gen_length', 'steps', 'accept_threshold']"),
     (lambda run: (run / "model" / "results_2026.json").write_text(json.dumps({
-        "results": {"arith": {"acc,none": 1.0}}, "config": {"l2pd_settings": dict.fromkeys(pareto.SETTINGS_READ)}})),
+        "results": {"arith": {"acc,none": 1.0}}, "config": {"l2pd_settings": SETTINGS}})),
      "lm-eval results {results!r} task 'arith' has no exact_match metric among ['acc,none']"),
     (lambda run: (run / "steps_rank0_2026.jsonl").write_text(
         (run / "steps_rank0_2026.jsonl").read_text() + '{"task": "arith", "doc_\n'),
      "step log {steps!r} line 3 is not valid JSON"),
     (lambda run: (run / "steps_rank0_2026.jsonl").write_text('{"task": "arith", "doc_id": 0}\n'),
-     "step log {steps!r} row 1 lacks ['repeat', 'nfe', 'tokens_per_step', 'latency_s', 'generated_tokens', "
-     "'finished_at']"),
+     "step log {steps!r} row 1 lacks ['repeat']"),
+    (lambda run: (run / "steps_rank0_2026.jsonl").write_text('{"task": "arith", "doc_id": 0, "repeat": 0}\n'),
+     "step log {steps!r} row 1 lacks the step-log fields ['nfe', 'tokens_per_step', 'positions_per_step', "
+     "'latency_s', 'prompt_tokens', 'generated_tokens', 'finished_at']"),
+    (lambda run: (run / "steps_rank0_2026.jsonl").write_text(json.dumps({**step(0, 8, 32, 20, 0.5, 1.0), "nfe": "4"})),
+     "step log {steps!r} row 1: step-log field nfe '4' is not an integer >= 1"),
+    (lambda run: (run / "steps_rank0_2026.jsonl").write_text(json.dumps({**step(0, 8, 32, 20, 0.5, 1.0),
+                                                                          "finished_at": None})),
+     "step log {steps!r} row 1: step-log field finished_at None is not a finite number"),
     (lambda run: (run / "steps_rank0_2026.jsonl").unlink(),
      "{run!r} has no step log rows of task 'arith' (steps_rank*.jsonl)"),
 ])
@@ -167,3 +177,38 @@ def test_a_damaged_run_is_one_line_naming_the_file(damage, message: str, runs: P
     err = pareto_error(capsys, runs, tmp_path / "report")
     assert err.startswith(message.format(results=str(run / "model" / "results_2026.json"),
                                          steps=str(run / "steps_rank0_2026.jsonl"), run=str(run))), err
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("gen_length", "256", "an integer >= 1"),
+    ("steps", 0, "an integer >= 1"),
+    ("eotp", "false", "a boolean"),
+    ("policy", None, f"one of {list(pareto.POLICIES)}"),
+    ("policy", "greedy", f"one of {list(pareto.POLICIES)}"),
+    ("cache", ["none"], "one of ['none', 'prefix', 'dual']"),
+    ("threshold", "0.9", "a number"),
+    ("accept_threshold", "x", "a number or null"),
+])
+def test_a_setting_of_the_wrong_type_is_one_line(key: str, value: object, expected: str, runs: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    results = runs / "fast" / "model" / "results_2026.json"
+    data = json.loads(results.read_text())
+    data["config"]["l2pd_settings"][key] = value
+    results.write_text(json.dumps(data))
+    assert pareto_error(capsys, runs, tmp_path / "report") == (
+        f"lm-eval results {str(results)!r}: config.l2pd_settings {key} {value!r} is not {expected}")
+
+
+@pytest.mark.parametrize(("out_name", "message"), [
+    ("a-file", "--out {out!r} is a file, expected a directory"),
+    ("a-file/report", "--out {out!r} cannot be created: {file!r} is a file"),
+])
+def test_an_unwritable_out_is_one_line(out_name: str, message: str, runs: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / out_name
+    with pytest.raises(SystemExit) as exit_info:
+        pareto.main([str(runs), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "pareto.py: error: " + message.format(out=str(out),
+                                                                             file=str(tmp_path / "a-file")) + "\n"

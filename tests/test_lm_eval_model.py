@@ -54,11 +54,32 @@ def test_lm_eval_values_are_coerced(random_checkpoint: Path) -> None:
     ("cache=ring", r"cache='ring' is not one of \['none', 'prefix', 'dual'\]"),
     ("colour=red", r"unknown model_args \['colour'\] for l2pd; known: \['accept_threshold', 'batch_size'"),
     ("batch_size=auto", "automatic batch sizes are not supported"),
+    ("policy=oracle", r"policy='oracle' decodes toward a reference output .* use one of \['fixed', 'threshold', "
+                      r"'factor', 'learned'\]"),
+    ("device=foo", r"device 'foo' is not one of \['cpu'"),
 ])
 def test_bad_model_args_name_the_value(random_checkpoint: Path, arg_string: str, message: str) -> None:
     with pytest.raises(ModelArgsError, match=message) as raised:
         L2PDLM.create_from_arg_string(f"pretrained={random_checkpoint},{arg_string}")
     assert raised.value.code.startswith("lm_eval --model l2pd: error: ") and "\n" not in raised.value.code
+
+
+def test_model_args_win_over_lm_evals_own_options(random_checkpoint: Path) -> None:
+    lm = L2PDLM.create_from_arg_string(f"pretrained={random_checkpoint},device=cpu,batch_size=2,gen_length=8,"
+                                       "block_length=8", {"device": "foo", "batch_size": 64, "max_batch_size": None})
+    assert (lm.cfg.batch_size, lm._device.type) == (2, "cpu")
+
+
+def test_a_huge_lm_eval_batch_size_decodes(random_checkpoint: Path) -> None:
+    lm = L2PDLM.create_from_arg_string(f"pretrained={random_checkpoint},gen_length=8,block_length=8",
+                                       {"device": "cpu", "batch_size": 1_000_000_000})
+    texts = lm.generate_until([instance("generate_until", ("1 + 1", {"until": []}), i) for i in range(2)])
+    assert lm.cfg.batch_size == 1_000_000_000 and len(texts) == 2
+
+
+def test_cache_none_survives_lm_evals_none_parsing(random_checkpoint: Path) -> None:
+    lm = L2PDLM.create_from_arg_string(f"pretrained={random_checkpoint},cache=none,steps=None")  # both arrive as None
+    assert lm.cfg.cache == "none" and lm.cfg.steps == lm.cfg.gen_length
 
 
 def test_learned_policy_defaults_to_the_shipped_filter() -> None:

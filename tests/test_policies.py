@@ -177,6 +177,9 @@ def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
     ({"policy": "learned", "accept_threshold": 1.0}, r"accept_threshold=1.0 must be in \(0, 1\)"),
     ({"accept_threshold": 0.9}, "filter and accept_threshold are only used by policy 'learned'"),
     ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
+    *[({name: value, **({"policy": "learned"} if name == "accept_threshold" else {})}, f"{name}={value} must be a "
+       "finite number") for name in ("threshold", "factor", "temperature", "cfg_scale", "accept_threshold")
+      for value in (float("nan"), float("inf"))],
 ])
 def test_bad_settings_name_the_value(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -93,3 +93,41 @@ def test_the_readme_shows_the_committed_reference() -> None:
     readme = (root / "README.md").read_text()
     block = readme.split("<!-- regression:start -->")[1].split("<!-- regression:end -->")[0]
     assert regression.reference_table(reference) in block
+
+
+def test_a_check_recorded_with_other_settings_names_the_setting(small_check, capsys) -> None:
+    reference = json.loads(small_check.read_text())
+    reference["runs"]["threshold 0.9 + EoTP"]["config"]["threshold"] = 0.8
+    small_check.write_text(json.dumps(reference))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["regress", "--reference", str(small_check)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "check 'threshold 0.9 + EoTP' was recorded with other settings than this checkout's (threshold: 0.8 -> " \
+           "0.9): record a new reference" in err
+
+
+def test_a_setting_only_one_side_has_is_named() -> None:
+    assert regression.setting_differences({"n": 16, "eotp": True}, {"n": 16, "cache": "dual", "eotp": False}) == [
+        "cache: absent -> 'dual'", "eotp: True -> False"]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("correct", "x", "has correct='x', expected an integer"),
+    ("n", 16.5, "has n=16.5, expected an integer"),
+    ("mean_nfe", None, "has mean_nfe=None, expected a number"),
+    ("accuracy", True, "has accuracy=True, expected a number"),
+])
+def test_figures_of_the_wrong_type_are_refused_before_decoding(small_check, key: str, value, expected: str) -> None:
+    reference = json.loads(small_check.read_text())
+    reference["runs"]["threshold 0.9 + EoTP"]["tasks"]["arith"][key] = value
+    with pytest.raises(regression.RegressionError, match=f"check 'threshold 0.9 \\+ EoTP' / arith {expected}$"):
+        regression.check_comparable(reference)
+
+
+def test_a_check_of_other_tasks_is_refused_before_decoding(small_check) -> None:
+    reference = json.loads(small_check.read_text())
+    run = reference["runs"]["threshold 0.9 + EoTP"]
+    run["tasks"]["listops"] = run["tasks"].pop("arith")
+    with pytest.raises(regression.RegressionError, match=r"has tasks \['listops'\], this checkout checks \['arith'\]"):
+        regression.check_comparable(reference)

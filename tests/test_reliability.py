@@ -4,6 +4,7 @@ corrupt file. Concurrency runs two real processes; the rest runs in-process thro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,12 @@ import l2pd_harness.cli as cli
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.decoding.runner import choose_tokens
 from l2pd_harness.decoding.scheduler import DecodeError
-from l2pd_harness.files import FileFormatError, JsonlWriter, write_atomic
+from l2pd_harness.files import FileFormatError, JsonlWriter, save_tensors_atomic, write_atomic
 from l2pd_harness.filter.model import DEFAULT_FILTER, checkpoint_paths
 from l2pd_harness.filter.traces import load_traces
 from l2pd_harness.loading import load_llada, save_llada
 from l2pd_harness.settings import make_config
+from l2pd_harness.tasks import sample_problems
 from tests.test_cli import message_lines, one_line_error, run_main
 
 MASK, EOS = 3, 0
@@ -215,3 +217,113 @@ def test_damaged_trace_steps_are_named(tmp_path: Path) -> None:
 
 def test_every_command_reports_the_same_error_classes() -> None:
     assert FileFormatError in cli.user_errors() and DecodeError in cli.user_errors()
+
+
+@pytest.mark.parametrize("command", [["generate", "--input"], ["grade", "--input"],
+                                     ["collect-traces", "--out", "traces", "--references"]])
+def test_undecodable_text_is_named(capsys, tmp_path: Path, command: list[str]) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"prompt": "a"}\n\xff\xfe{}\n')
+    error = one_line_error(capsys, *command, str(source))
+    assert f"{str(source)!r} line 2 is not UTF-8 text" in error
+
+
+def test_failed_writes_name_the_target_and_leave_no_staging_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileFormatError, match=f"cannot write {str(tmp_path / 'file' / 'r.json')!r}"):
+        write_atomic(tmp_path / "file" / "r.json", "text")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileFormatError, match=f"cannot write {str(tmp_path / 'folder')!r}: Is a directory"):
+        save_tensors_atomic({"a": torch.zeros(2)}, tmp_path / "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+
+
+def test_a_failed_rename_keeps_the_finished_rows(tmp_path: Path) -> None:
+    target = tmp_path / "out.jsonl"
+    with pytest.raises(FileFormatError, match="Is a directory") as caught:
+        with JsonlWriter(target) as out:
+            out.write({"a": 1})
+            target.mkdir()
+    (kept,) = tmp_path.glob(".out.jsonl.*.partial")
+    assert caught.value.kept_rows == f"1 finished rows kept in {str(kept)!r}" and kept.read_text() == '{"a": 1}\n'
+
+
+def test_written_files_get_a_new_files_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        save_tensors_atomic({"a": torch.zeros(2)}, tmp_path / "t.safetensors")
+        write_atomic(tmp_path / "t.json", "{}")
+    finally:
+        os.umask(umask)
+    assert [oct(p.stat().st_mode & 0o777) for p in sorted(tmp_path.iterdir())] == ["0o644", "0o644"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_a_read_only_output_folder_is_refused_before_work(capsys, tmp_path: Path) -> None:
+    tmp_path.chmod(0o555)
+    try:
+        error = one_line_error(capsys, "data", "arith", "--out", str(tmp_path / "sub" / "d.jsonl"))
+    finally:
+        tmp_path.chmod(0o755)
+    assert error.endswith(f"cannot be created: {str(tmp_path)!r} is not writable")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "hi", "--output", "{dir}"], "--output '{dir}' is a directory, expected a file"),
+    (["generate", "--prompt", "hi", "--output", ""], "--output is an empty path"),
+    (["generate", "--prompt", "hi", "--output", "{file}/x.jsonl"],
+     "--output '{file}/x.jsonl' cannot be created: '{file}' is a file"),
+    (["evaluate", "--task", "arith", "--output", "{dir}"], "--output '{dir}' is a directory, expected a file"),
+    (["data", "arith", "--out", ""], "--out is an empty path"),
+    (["collect-traces", "--out", "{file}"], "--out '{file}' is a file, expected a directory"),
+    (["train-base", "--out", "{file}"], "--out '{file}' is a file, expected a directory"),
+    (["train-filter", "--traces", "{dir}", "--out", "{dir}"], "--out '{dir}' is a directory, expected a file"),
+    (["choose-threshold", "--filter", "f", "--traces", "{dir}", "--out", "{dir}"],
+     "--out '{dir}' is a directory, expected a file"),
+    (["choose-threshold", "--filter", "f", "--traces", "{dir}", "--out", "{dir}/new/f.safetensors",
+      "--max-accuracy-drop", "-1"], "max_accuracy_drop=-1.0 >= 0"),
+    (["regress", "--update", "--reference", "{dir}"], "--reference '{dir}' is a directory, expected a file"),
+])
+def test_outputs_are_checked_before_any_work(capsys, tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "file").write_text("x")
+    names = {"dir": str(tmp_path), "file": str(tmp_path / "file")}
+    error = one_line_error(capsys, *[arg.format(**names) for arg in args])
+    assert error.endswith(message.format(**names))
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_grade_and_generate_refuse_bad_rows(capsys, tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"task": ["arith"], "text": "1", "answer": "1"}) + "\n")
+    assert one_line_error(capsys, "grade", "--input", str(rows)).endswith(
+        "row 1: 'task', 'text' and 'answer' must be strings")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    for command in ("grade", "generate"):
+        assert one_line_error(capsys, command, "--input", str(empty)).endswith(f"--input {str(empty)!r} holds no rows")
+
+
+@pytest.mark.parametrize("command", ["collect-traces", "train-base"])
+@pytest.mark.parametrize("tasks, bad", [("foo", "'foo'"), ("arith,", "''")])
+def test_task_lists_are_checked_by_the_parser(capsys, command: str, tasks: str, bad: str) -> None:
+    assert one_line_error(capsys, command, "--out", "unused", "--task", tasks).endswith(
+        f"argument --task: invalid task {bad} (choose from arith, listops)")
+
+
+@pytest.mark.parametrize("canvas", [["a", "b"], [10 ** 9], [-5], [1.0, 2.0], "12"])
+def test_oracle_references_must_be_token_ids(capsys, random_checkpoint: Path, tmp_path: Path, canvas) -> None:
+    references = tmp_path / "ref.jsonl"
+    references.write_text(json.dumps({"prompt": "hi", "canvas": canvas}) + "\n")
+    error = one_line_error(capsys, "generate", "--model", str(random_checkpoint), "--prompt", "hi", "--policy",
+                           "oracle", "--references", str(references), "--gen-length", "8", "--block-length", "8")
+    assert f"--references {str(references)!r} row 1: 'canvas' must" in error
+
+
+def test_trace_references_must_fill_the_canvas(capsys, tmp_path: Path) -> None:
+    problems = sample_problems("arith", "train", 1, 11)
+    references = tmp_path / "ref.jsonl"
+    references.write_text(json.dumps({**problems[0], "text": "", "canvas": [1, 2]}) + "\n")
+    error = one_line_error(capsys, "collect-traces", "--task", "arith", "--n", "1", "--out", str(tmp_path / "t"),
+                           "--references", str(references), "--gen-length", "32", "--block-length", "32")
+    assert error.endswith(f"--references {str(references)!r} row 1: 'canvas' has 2 tokens, --gen-length is 32")
+    assert [p.name for p in tmp_path.iterdir()] == ["ref.jsonl"]

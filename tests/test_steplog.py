@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from l2pd_harness.files import FileFormatError
-from l2pd_harness.steplog import StepLogRow, percentile, summarise
+from l2pd_harness.steplog import FIELD_RULES, StepLogRow, percentile, summarise
 
 # Three requests: started at 100.0, 100.5 and 101.0 s; finished at 102.0, 101.5 and 104.0 s.
 LOGS = [
@@ -42,3 +44,28 @@ def test_rows_round_trip_and_missing_fields_are_named() -> None:
     del row["finished_at"]
     with pytest.raises(FileFormatError, match=r"row 1 lacks the step-log fields \['finished_at'\]"):
         StepLogRow.from_row(row, "row 1")
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("nfe", "4", "an integer >= 1"),
+    ("nfe", None, "an integer >= 1"),
+    ("nfe", 0, "an integer >= 1"),
+    ("nfe", True, "an integer >= 1"),
+    ("tokens_per_step", 5, "a list of integers >= 0"),
+    ("positions_per_step", [40, "40"], "a list of integers >= 0"),
+    ("latency_s", "x", "a finite number >= 0"),
+    ("latency_s", -1.0, "a finite number >= 0"),
+    ("prompt_tokens", 8.5, "an integer >= 0"),
+    ("generated_tokens", -1, "an integer >= 0"),
+    ("finished_at", None, "a finite number"),
+    ("finished_at", float("nan"), "a finite number"),
+])
+def test_a_field_of_the_wrong_type_is_named(field: str, value: object, expected: str) -> None:
+    row = {**LOGS[0].to_row(), field: value}
+    with pytest.raises(FileFormatError) as error:
+        StepLogRow.from_row(row, "row 3")
+    assert str(error.value) == f"row 3: step-log field {field} {value!r} is not {expected}"
+
+
+def test_every_field_has_a_rule() -> None:
+    assert list(FIELD_RULES) == [f.name for f in fields(StepLogRow)]

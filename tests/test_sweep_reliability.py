@@ -207,6 +207,10 @@ def test_bad_model_args_are_refused_before_any_launch(line: str, message: str, t
     ("tasks: [arith]\nlimt: 2\ngrid: [{policy: fixed}]\n", "has unknown keys ['limt']"),
     ("tasks: arith\ngrid: [{policy: fixed}]\n", "tasks 'arith' is not a list of task names"),
     ("tasks: [arith]\nbatch_size: 0.5\ngrid: [{policy: fixed}]\n", "batch_size 0.5 is not a positive integer"),
+    ("tasks: [arith, foo]\ngrid: [{policy: fixed}]\n", "unknown tasks ['foo'] (tasks and tags of "),
+    ("tasks: [arith]\nlimit: .nan\ngrid: [{policy: fixed}]\n", "limit nan is not a positive integer"),
+    ("tasks: [arith]\nlimit: .inf\ngrid: [{policy: fixed}]\n", "limit inf is not a positive integer"),
+    ("tasks: [arith]\nlimit: 1.5\ngrid: [{policy: fixed}]\n", "limit 1.5 is not a positive integer"),
     ("tasks: [arith]\ngrid: [policy-fixed]\n", "grid entry 1 is a YAML str ('policy-fixed'), expected a mapping"),
     ("tasks: [arith]\ngrid: [{policy: fixed, steps: []}]\n", "grid entry 1: steps is an empty list"),
     ("tasks: [arith]\ngrid: [{policy: fixed, steps: {a: 1}}]\n", "grid entry 1: steps {'a': 1} is not a value"),
@@ -231,3 +235,20 @@ def test_the_cli_reports_a_bad_grid_in_one_line(tmp_path: Path, capsys: pytest.C
     assert err.startswith(f"sweep.py: error: grid {str(grid)!r} is not valid YAML: ") and "at line 4" in err
     err = one_line_error(capsys, 2, [str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out")])
     assert err == f"sweep.py: error: grid {str(tmp_path / 'missing.yaml')!r} does not exist\n"
+
+
+def test_the_shipped_tasks_and_their_tag_are_known() -> None:
+    assert {"arith", "listops", "gsm8k_local", "l2pd"} <= sweep.known_tasks()
+
+
+@pytest.mark.parametrize(("out_name", "message"), [
+    ("a-file", "--out {out!r} is a file, expected a directory"),
+    ("a-file/out", "--out {out!r} cannot be created: {file!r} is a file"),
+])
+def test_an_unwritable_out_is_one_line(out_name: str, message: str, grid: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    fake_lm_eval(monkeypatch, "raise SystemExit('lm-eval launched')")
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / out_name
+    err = one_line_error(capsys, 2, [str(grid), "--out", str(out)])
+    assert err == "sweep.py: error: " + message.format(out=str(out), file=str(tmp_path / "a-file")) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from l2pd_harness.decoding.policies import POLICIES
@@ -10,6 +11,9 @@ REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual")
 CHOICES = {"policy": tuple(POLICIES), "remasking": REMASKING, "cache": CACHES}
 """The allowed values of the fields that take a name (the command line offers them as choices)."""
+REAL_FIELDS = ("threshold", "factor", "temperature", "cfg_scale", "accept_threshold")
+"""The fields that take a real number; nan passes every range comparison unrefused and inf wrecks the arithmetic
+mid-decode, so each must be finite."""
 
 
 @dataclass
@@ -65,6 +69,10 @@ class DecodeConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        for name in REAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name}={value} must be a finite number")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
         if self.accept_threshold is not None and not 0 < self.accept_threshold < 1:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -62,7 +63,8 @@ class Engine:
         device = next(self.model.parameters()).device
         scheduler = Scheduler(self.cfg, self.model.config.mask_token_id, self.model.config.eos_token_id,
                               self.eot_ids, prompts, references, device)
-        runner = ModelRunner(self.model, self.cfg, self.policy)
+        # Only as many batch slots (and KV cache rows) as there are requests to fill them.
+        runner = ModelRunner(self.model, replace(self.cfg, batch_size=scheduler.num_slots), self.policy)
         while scheduler.has_unfinished():
             scheduled = scheduler.schedule()
             output = runner.execute(scheduled)

@@ -118,7 +118,9 @@ class Scheduler:
                     live_length=cfg.gen_length)
             for i, prompt in enumerate(prompts))
         self.running: dict[int, Request] = {}
-        self.free_slots = list(range(cfg.batch_size))[::-1]
+        self.num_slots = max(1, min(cfg.batch_size, len(prompts)))
+        """Batch slots: never more than there are prompts, so a huge ``batch_size`` costs nothing."""
+        self.free_slots = list(range(self.num_slots))[::-1]
         self.committed = 0
         """Canvas positions committed so far over all requests (decoded, or filled by EoTP): progress."""
 

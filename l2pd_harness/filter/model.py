@@ -27,6 +27,7 @@ from torch import nn
 from l2pd_harness.decoding.policies import StepState
 from l2pd_harness.files import read_json, read_tensors, save_tensors_atomic, write_atomic
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint, resolve_checkpoint
+from l2pd_harness.settings import SettingsError, coerce
 
 FEATURES = ("confidence", "margin", "entropy", "position", "committed_share", "left_settled", "confidence_rank")
 ARCHITECTURES = ("block_mlp", "position_mlp")
@@ -53,7 +54,14 @@ class FilterConfig:
     """Width of the hidden layer."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.features, list | tuple):  # a single name given as text would split into letters
+            raise FilterError(f"features={self.features!r} must be a list of names from {list(FEATURES)}")
         self.features = tuple(self.features)
+        try:
+            self.block_length, self.hidden_size = (coerce(name, getattr(self, name), int)
+                                                   for name in ("block_length", "hidden_size"))
+        except SettingsError as err:
+            raise FilterError(str(err)) from None
         if self.architecture not in ARCHITECTURES:
             raise FilterError(f"architecture={self.architecture!r} is not one of {list(ARCHITECTURES)}")
         unknown = [name for name in self.features if name not in FEATURES]
@@ -109,6 +117,11 @@ class FilterNet(nn.Module):
         return self.mlp(features).squeeze(-1)  # each position on its own: [B, L, F] -> [B, L]
 
 
+def is_share(value: object) -> bool:
+    """Whether a value read from JSON is a number strictly between 0 and 1."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
+
+
 @dataclass
 class FilterCard:
     """The JSON half of a filter checkpoint."""
@@ -126,6 +139,14 @@ class FilterCard:
     validation: dict = field(default_factory=dict)
     """Validation loss, precision and recall at the accept threshold, the threshold search."""
     format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        if self.accept_threshold is not None and not is_share(self.accept_threshold):
+            raise FilterError(f"accept_threshold={self.accept_threshold!r} must be a number in (0, 1) or null")
+        for name, kind in (("base_model", str), ("cache", str), ("training", dict), ("validation", dict)):
+            if not isinstance(getattr(self, name), kind):
+                raise FilterError(f"{name}={getattr(self, name)!r} must be a JSON "
+                                  f"{'string' if kind is str else 'object'}")
 
 
 class LearnedFilter:
@@ -162,16 +183,45 @@ def read_filter(path: str | Path) -> LearnedFilter:
         if not part.is_file():
             raise FilterError(f"filter checkpoint {str(path)!r}: {str(part)!r} does not exist (a checkpoint is "
                               "NAME.safetensors + NAME.json, written by `l2pd train-filter`)")
-    raw = read_json(card_path, "filter card")
-    if raw.get("format") != FORMAT:
-        raise FilterError(f"{str(card_path)!r} has format {raw.get('format')!r}, expected {FORMAT!r}")
-    try:
-        card = FilterCard(**{**raw, "config": FilterConfig(**raw["config"])})
-        net = FilterNet(card.config)
-        net.load_state_dict(read_tensors(weights, "filter weights"))
-    except (TypeError, KeyError, RuntimeError) as err:  # keys or shapes that do not match the format
-        raise FilterError(f"filter checkpoint {str(path)!r} does not match its format {FORMAT!r} ({err})") from None
+    card = read_card(card_path)
+    net = FilterNet(card.config)
+    net.load_state_dict(checked_weights(weights, net))
     return LearnedFilter(net, card)
+
+
+def read_card(path: Path) -> FilterCard:
+    """The card in ``path``; what is wrong with it is reported with the file's name."""
+    raw = read_json(path, "filter card")
+    if raw.get("format") != FORMAT:
+        raise FilterError(f"{str(path)!r} has format {raw.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(raw.get("config"), dict):
+        raise FilterError(f"filter card {str(path)!r} has no 'config' object (architecture, features, block_length, "
+                          "hidden_size)")
+    try:
+        return FilterCard(**{**raw, "config": FilterConfig(**raw["config"])})
+    except TypeError as err:  # a key the format does not have, or lacks one it needs: the message names it
+        raise FilterError(f"filter card {str(path)!r} does not match its format {FORMAT!r} ({err})") from None
+    except FilterError as err:
+        raise FilterError(f"filter card {str(path)!r}: {err}") from None
+
+
+def checked_weights(path: Path, net: FilterNet) -> dict[str, torch.Tensor]:
+    """The tensors in ``path``, refused in one line unless they are exactly ``net``'s names and shapes."""
+    tensors, expected = read_tensors(path, "filter weights"), net.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FilterError(f"filter weights {str(path)!r} do not match the card's {net.cfg.architecture} network: "
+                          f"missing tensors {shorten(missing)}, unexpected tensors {shorten(unexpected)}")
+    for name, tensor in expected.items():
+        if tensors[name].shape != tensor.shape:
+            raise FilterError(f"filter weights {str(path)!r}: tensor {name} has shape {list(tensors[name].shape)}, "
+                              f"the card's network needs {list(tensor.shape)}")
+    return tensors
+
+
+def shorten(names: list[str], most: int = 4) -> str:
+    """``names`` as a list, the first ``most`` of them and how many more."""
+    return str(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def check_compatible(card: FilterCard, path: str | Path, base_model: str, block_length: int) -> None:

@@ -26,7 +26,7 @@ from l2pd_harness.evaluation import grade_rows, iter_decoded
 from l2pd_harness.files import read_json, read_jsonl, read_tensors, save_tensors_atomic, write_atomic
 from l2pd_harness.filter.model import FilterError
 from l2pd_harness.loading import model_fingerprint, resolve_checkpoint
-from l2pd_harness.settings import make_config
+from l2pd_harness.settings import SettingsError, coerce_fields, make_config
 
 TRAJECTORIES = ("reference", "oracle", "learned")
 
@@ -135,7 +135,8 @@ def collect(model, tokenizer, problems: list[dict], trajectory_cfg: DecodeConfig
         list(iter_decoded(model, tokenizer, problems, trajectory_cfg, references=canvases, policy=policy,
                           desc=f"{trajectory} trajectory", on_step=recorder))
     steps = recorder.steps(torch.tensor(canvases), trajectory_cfg.block_length)
-    correct = grade_rows(reference_rows)
+    correct = grade_rows([{**problem, "text": row["text"]} for problem, row in zip(problems, reference_rows,
+                                                                                     strict=True)])
     problems_out = [{**problem, "reference_text": row["text"], "reference_canvas": row["canvas"],
                      "reference_correct": ok} for problem, row, ok in zip(problems, reference_rows, correct,
                                                                            strict=True)]
@@ -154,20 +155,76 @@ def trace_file(trace_dir: Path, name: str) -> Path:
     return trace_dir / name
 
 
+STEP_TENSORS = {"confidence": 2, "margin": 2, "entropy": 2, "masked": 2, "label": 2, "problem": 1, "block": 1}
+"""The tensors of ``steps.safetensors`` that training reads, by number of dimensions: ``[N, block_length]``
+or ``[N]``."""
+PROBLEM_FIELDS = {"question": str, "prompt": str, "answer": str, "task": str, "reference_correct": bool,
+                  "reference_canvas": list}
+"""What validation decodes read of each row of ``problems.jsonl``, and its JSON type."""
+
+
 def read_meta(trace_dir: Path) -> TraceMeta:
+    """The checked ``meta.json`` of ``trace_dir`` (numbers may come as text, like any setting)."""
     path = trace_file(trace_dir, "meta.json")
     raw = read_json(path, "trace meta")
+    containers = {"tasks": list, "reference_accuracy": dict}
     try:
-        return TraceMeta(**raw)
-    except TypeError as err:
+        for name, kind in containers.items():
+            if name in raw and not isinstance(raw[name], kind):
+                raise SettingsError(f"{name}={raw[name]!r} must be a JSON {'array' if kind is list else 'object'}")
+        meta = TraceMeta(**coerce_fields(TraceMeta, {k: v for k, v in raw.items() if k not in containers}),
+                         **{k: raw[k] for k in containers if k in raw})
+        if meta.trajectory not in TRAJECTORIES:
+            raise SettingsError(f"trajectory={meta.trajectory!r} is not one of {list(TRAJECTORIES)}")
+        make_config({"gen_length": meta.gen_length, "block_length": meta.block_length, "cache": meta.cache,
+                     "eotp": meta.eotp})  # the decode settings validation decodes will use
+    except TypeError as err:  # a field the format needs is missing: the message names it
         raise TraceError(f"trace meta {str(path)!r} does not match the trace format ({err})") from None
+    except SettingsError as err:
+        raise TraceError(f"trace meta {str(path)!r}: {err}") from None
+    return meta
 
 
 def read_problems(trace_dir: Path) -> list[dict]:
-    return read_jsonl(trace_file(trace_dir, "problems.jsonl"), "trace problems")
+    """The rows of ``problems.jsonl``, each with the fields of :data:`PROBLEM_FIELDS`."""
+    path = trace_file(trace_dir, "problems.jsonl")
+    problems = read_jsonl(path, "trace problems")
+    for index, row in enumerate(problems):
+        for name, kind in PROBLEM_FIELDS.items():
+            if not isinstance(row.get(name), kind):
+                raise TraceError(f"trace problems {str(path)!r}: problem {index} has {name}={row.get(name)!r}, "
+                                 f"expected a JSON {kind.__name__}")
+    return problems
+
+
+def check_steps(trace_dir: Path, steps: dict[str, torch.Tensor], problems: list[dict], meta: TraceMeta) -> None:
+    """Refuse step tensors that do not fit the meta and problems beside them (names, shapes, problem indices)."""
+    where = f"traces {str(trace_dir)!r}"
+    missing = sorted(set(STEP_TENSORS) - set(steps))
+    if missing:
+        raise TraceError(f"{where}: steps.safetensors lacks tensors {missing}")
+    rows = len(steps["label"]) if steps["label"].dim() else 0
+    for name, dims in STEP_TENSORS.items():
+        expected = [rows, meta.block_length][:dims]
+        if list(steps[name].shape) != expected:
+            raise TraceError(f"{where}: steps.safetensors tensor {name!r} has shape {list(steps[name].shape)}, "
+                             f"expected {expected} (steps, block_length={meta.block_length})")
+    if (meta.steps, meta.problems) != (rows, len(problems)):
+        raise TraceError(f"{where}: meta.json says {meta.steps} steps of {meta.problems} problems, the files hold "
+                         f"{rows} steps of {len(problems)} problems")
+    for name, limit in (("problem", len(problems)), ("block", meta.gen_length // meta.block_length)):
+        if steps[name].is_floating_point() or not ((steps[name] >= 0) & (steps[name] < limit)).all():
+            raise TraceError(f"{where}: steps.safetensors tensor {name!r} must hold integers in [0, {limit})")
+    lengths = sorted({len(p["reference_canvas"]) for p in problems} - {meta.gen_length})
+    if lengths:
+        raise TraceError(f"{where}: meta.json says gen_length={meta.gen_length}, problems.jsonl has reference "
+                         f"canvases of length {lengths}")
 
 
 def load_traces(trace_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict], TraceMeta]:
+    """Steps, problems and meta of ``trace_dir``, checked against each other."""
     meta = read_meta(trace_dir)
     steps = read_tensors(trace_file(trace_dir, "steps.safetensors"), "trace steps")
-    return steps, read_problems(trace_dir), meta
+    problems = read_problems(trace_dir)
+    check_steps(trace_dir, steps, problems, meta)
+    return steps, problems, meta

@@ -13,6 +13,7 @@ on (``l2pd choose-threshold``).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -24,7 +25,15 @@ from tqdm import tqdm
 
 from l2pd_harness.decoding.policies import build_policy
 from l2pd_harness.evaluation import grade_rows, iter_decoded
-from l2pd_harness.filter.model import FilterCard, FilterConfig, FilterError, FilterNet, LearnedFilter, block_features
+from l2pd_harness.filter.model import (
+    FilterCard,
+    FilterConfig,
+    FilterError,
+    FilterNet,
+    LearnedFilter,
+    block_features,
+    is_share,
+)
 from l2pd_harness.filter.traces import TraceMeta, is_validation, load_traces, read_problems
 from l2pd_harness.settings import make_config
 
@@ -59,7 +68,7 @@ class FilterTrainConfig:
         for name in ("batch_size", "max_epochs", "patience"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.lr <= 0 or self.max_accuracy_drop < 0:
+        if not 0 < self.lr < math.inf or not 0 <= self.max_accuracy_drop < math.inf:
             raise ValueError(f"lr={self.lr} must be > 0 and max_accuracy_drop={self.max_accuracy_drop} >= 0")
 
 
@@ -215,13 +224,20 @@ def train_filter(trace_dirs: list[Path], filter_cfg: FilterConfig, cfg: FilterTr
 def training_questions(card: FilterCard) -> set[str]:
     """The questions of the problems a filter was fitted on: the training split of the trace directories on its
     card (paths as ``train-filter`` was given them)."""
+    trace_dirs, val_share = card.training.get("trace_dirs"), card.training.get("val_share")
+    if not isinstance(trace_dirs, list) or not all(isinstance(d, str) for d in trace_dirs):
+        raise FilterError(f"cannot tell which problems the filter was trained on: its card's training.trace_dirs="
+                          f"{trace_dirs!r} is not a list of directories")
+    if not is_share(val_share):
+        raise FilterError(f"cannot tell which problems the filter was trained on: its card's training.val_share="
+                          f"{val_share!r} is not a number in (0, 1)")
     questions = set()
-    for trace_dir in map(Path, card.training["trace_dirs"]):
+    for trace_dir in map(Path, trace_dirs):
         if not trace_dir.is_dir():
             raise FilterError(f"cannot tell which problems the filter was trained on: its trace directory "
                               f"{str(trace_dir)!r} is not here (run from where `train-filter` ran)")
         questions |= {p["question"] for p in read_problems(trace_dir)
-                      if not is_validation(p["question"], card.training["val_share"])}
+                      if not is_validation(p["question"], val_share)}
     return questions
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2pd_harness.files import read_json
+from l2pd_harness.settings import field_kinds
 
 if TYPE_CHECKING:
     from l2pd_harness.decoding.kv_cache import CachePass
@@ -68,6 +69,22 @@ class ConfigError(ValueError):
     """A config.json value this implementation cannot honour."""
 
 
+_JSON_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def check_json_types(cls: type, values: dict[str, Any]) -> None:
+    """Refuse a config.json value whose JSON type is not its field's. Strict, not converted: LLaDA's own code uses
+    the values as they are, where text such as ``"no"`` would be a true ``weight_tying`` and ``"3"`` no token id."""
+    kinds = field_kinds(cls)
+    for name, value in values.items():
+        kind, optional = kinds[name]
+        if value is None and optional:
+            continue
+        number = isinstance(value, int | float if kind is float else kind) and not isinstance(value, bool)
+        if not (isinstance(value, bool) if kind is bool else number):
+            raise ConfigError(f"{name}={value!r} must be {_JSON_TYPE_NAMES[kind]}{' or null' if optional else ''}")
+
+
 @dataclass
 class LLaDAConfig:
     """Architecture of a LLaDA checkpoint, read from its ``config.json`` (LLaDA's own key names)."""
@@ -111,6 +128,8 @@ class LLaDAConfig:
                      "max_sequence_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if not 0 < self.rope_theta < float("inf"):
+            raise ConfigError(f"rope_theta={self.rope_theta} must be a positive number")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -144,7 +163,9 @@ class LLaDAConfig:
         missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in raw)
         if missing:
             raise ConfigError(f"config.json lacks required keys {missing}")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        values = {k: v for k, v in raw.items() if k in known}
+        check_json_types(cls, values)
+        return cls(**values)
 
     @classmethod
     def from_json(cls, path: str | Path) -> LLaDAConfig:

@@ -46,7 +46,7 @@ TASKS = {
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"task {name!r} is not one of {sorted(TASKS)}")
+        raise TaskError(f"task {name!r} is not one of {sorted(TASKS)}")
     return TASKS[name]
 
 
@@ -56,10 +56,14 @@ def split_of(question: str) -> str:
     return "test" if digest % TEST_SHARE == 0 else "train"
 
 
+class TaskError(ValueError):
+    """A task, split or problem count the task suite cannot supply; the message names it."""
+
+
 def iter_problems(task: str, split: str, seed: int) -> Iterator[dict[str, str]]:
     """Endless problems of ``split`` drawn with ``seed``; each row also carries ``prompt`` and ``task``."""
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
+        raise TaskError(f"split {split!r} is not one of {list(SPLITS)}")
     make = get_task(task).make_problem
     rng = random.Random(f"{task}:{split}:{seed}")
     while True:
@@ -76,7 +80,7 @@ def sample_problems(task: str, split: str, n: int, seed: int) -> list[dict[str, 
         if len(rows) == n:
             return list(rows.values())
         if attempt > 1000 * n:
-            raise ValueError(f"task {task!r} has fewer than {n} distinct {split} problems")
+            raise TaskError(f"task {task!r} has fewer than {n} distinct {split} problems")
     raise AssertionError("unreachable: iter_problems is endless")
 
 

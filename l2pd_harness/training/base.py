@@ -11,10 +11,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import pickle
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -22,14 +23,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from l2pd_harness.loading import load_llada, load_tokenizer, save_llada
+from l2pd_harness.files import FileFormatError, read_json
+from l2pd_harness.loading import load_llada, load_tokenizer, parse_device, resolve_checkpoint, save_llada
 from l2pd_harness.models.llada import LLaDAConfig, LLaDAModel
+from l2pd_harness.settings import SettingsError
 from l2pd_harness.tasks import get_task, iter_problems, vocabulary_corpus
 from l2pd_harness.text import encode_prompt
 from l2pd_harness.tokenizer import build_tokenizer
 
 TRAINER_STATE = "trainer_state.pt"
 TRAINING_LOG = "training_log.json"
+PROMPT_ROOM = 96
+"""Positions a batch reserves for the chat-formatted question, more than any task's question takes."""
+ARCHITECTURE = ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "max_sequence_length")
+"""The :class:`BaseTrainConfig` fields a checkpoint's config.json fixes (named as in :class:`LLaDAConfig`)."""
 
 
 @dataclass
@@ -82,6 +89,17 @@ class BaseTrainConfig:
         for name in ("steps", "warmup", "tokens_per_batch", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        # SettingsError (a ValueError) from here on: train_base re-checks a config given a checkpoint's architecture.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SettingsError(f"lr={self.lr} must be a finite number > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise SettingsError(f"weight_decay={self.weight_decay} must be a finite number >= 0")
+        if not 0 < self.eps < 1:
+            raise SettingsError(f"eps={self.eps} must be in (0, 1)")
+        if self.max_sequence_length < self.max_gen_length + PROMPT_ROOM:
+            raise SettingsError(f"max_sequence_length={self.max_sequence_length} must be at least max_gen_length "
+                                f"({self.max_gen_length}) + {PROMPT_ROOM} prompt positions = "
+                                f"{self.max_gen_length + PROMPT_ROOM}")
 
 
 def task_corpus(tasks: tuple[str, ...]) -> list[str]:
@@ -106,7 +124,7 @@ def make_batch(cfg: BaseTrainConfig, tokenizer, step: int) -> dict[str, torch.Te
     rng = random.Random(f"{cfg.seed}:{step}")
     gen_length = draw_gen_length(cfg, rng)
     streams = [iter_problems(name, "train", cfg.seed * 10_000_000 + step) for name in cfg.tasks]
-    batch_size = max(1, cfg.tokens_per_batch // (gen_length + 96))
+    batch_size = max(1, cfg.tokens_per_batch // (gen_length + PROMPT_ROOM))
     problems = list(itertools.islice(itertools.chain.from_iterable(zip(*streams, strict=True)), batch_size))
     prompts = [encode_prompt(tokenizer, p["question"]) for p in problems]
     answers = [tokenizer(p["answer"], add_special_tokens=False)["input_ids"] for p in problems]
@@ -178,32 +196,75 @@ def save_checkpoint(out: Path, model: LLaDAModel, tokenizer, optimizer, step: in
     staging.rmdir()
 
 
-def _starting_point(cfg: BaseTrainConfig, out: Path, dev: torch.device, resume: bool, init_from: Path | None):
-    """``(model, tokenizer, trainer state, log)`` to start from: ``out``'s checkpoint when resuming, else a fresh
-    model or ``init_from``'s weights with a new optimiser and schedule."""
+def _checkpoint_to_start_from(out: Path, resume: bool, init_from: Path | None) -> Path | None:
+    """The checkpoint directory whose weights the run starts from (``out`` itself when resuming), or ``None`` for a
+    fresh model; an ``out`` that already holds a checkpoint is never overwritten by a new run."""
     if resume:
         if not (out / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"--resume: {str(out)!r} holds no {TRAINER_STATE} to resume from")
-        state = torch.load(out / TRAINER_STATE, map_location=dev)
-        log = json.loads((out / TRAINING_LOG).read_text())
+        return out
+    if (out / TRAINER_STATE).exists() or (out / "config.json").exists():
+        raise SettingsError(f"--out {str(out)!r} already holds a checkpoint: continue it with --resume or give "
+                            "another --out")
+    return None if init_from is None else resolve_checkpoint(init_from)
+
+
+def _with_architecture_of(cfg: BaseTrainConfig, ckpt: Path) -> BaseTrainConfig:
+    """``cfg`` with the architecture of the checkpoint in ``ckpt``. An architecture option set to another value than
+    the checkpoint's is refused; one left at its default (indistinguishable from not given) takes the checkpoint's."""
+    saved = LLaDAConfig.from_json(ckpt / "config.json")
+    defaults = {f.name: f.default for f in fields(BaseTrainConfig)}
+    conflicts = [f"{name}={getattr(cfg, name)} (checkpoint: {getattr(saved, name)})" for name in ARCHITECTURE
+                 if getattr(cfg, name) not in (defaults[name], getattr(saved, name))]
+    if conflicts:
+        raise SettingsError(f"architecture options differ from checkpoint {str(ckpt)!r}, whose config.json fixes "
+                            f"them: {', '.join(conflicts)}")
+    return replace(cfg, **{name: getattr(saved, name) for name in ARCHITECTURE})
+
+
+def _read_trainer_state(path: Path, dev: torch.device) -> dict:
+    """The optimiser state and step saved by :func:`save_checkpoint`."""
+    try:
+        state = torch.load(path, map_location=dev)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        reason = (str(err) or type(err).__name__).splitlines()[0]
+        raise FileFormatError(f"trainer state {str(path)!r} is not readable ({reason}); it may be truncated: "
+                              "resume from a complete checkpoint or train into another --out") from None
+    if not isinstance(state, dict) or not {"optimizer", "step"} <= state.keys():
+        raise FileFormatError(f"trainer state {str(path)!r} lacks the 'optimizer' and 'step' entries")
+    return state
+
+
+def _starting_point(cfg: BaseTrainConfig, out: Path, dev: torch.device, resume: bool, ckpt: Path | None):
+    """``(model, tokenizer, trainer state, log)`` to start from: ``out``'s checkpoint when resuming, else a fresh
+    model or checkpoint ``ckpt``'s weights with a new optimiser and schedule."""
+    if resume:
+        state = _read_trainer_state(out / TRAINER_STATE, dev)
+        log = read_json(out / TRAINING_LOG, "training log")
         return load_llada(out, device=dev).train(), load_tokenizer(out), state, log
-    if init_from is None:
+    if ckpt is None:
         tokenizer = build_tokenizer(task_corpus(cfg.tasks))
         model, earlier = build_model(cfg, tokenizer).to(dev).train(), []
     else:
-        tokenizer = load_tokenizer(init_from)
-        model = load_llada(init_from, device=dev).train()
-        earlier = [json.loads((init_from / TRAINING_LOG).read_text())]
+        tokenizer = load_tokenizer(ckpt)
+        model = load_llada(ckpt, device=dev).train()
+        earlier = [read_json(ckpt / TRAINING_LOG, "training log")]
     log = {"config": asdict(cfg), "device": str(dev), "wall_time_s": 0.0, "losses": [], "earlier_runs": earlier}
     return model, tokenizer, {"step": 0}, log
 
 
 def train_base(cfg: BaseTrainConfig, out: Path, device: str = "cpu", resume: bool = False,
                num_workers: int = 0, init_from: Path | None = None) -> dict:
-    """Train into ``out`` (from scratch, from ``init_from``'s weights, or resuming ``out``); returns the log."""
+    """Train into ``out`` (from scratch, from ``init_from``'s weights, or resuming ``out``); returns the log.
+    Every setting and input checkpoint is checked before ``out`` is created."""
+    dev = parse_device(device)
+    if num_workers < 0:
+        raise SettingsError(f"num_workers={num_workers} must be >= 0 (0 builds the batches in the main process)")
+    ckpt = _checkpoint_to_start_from(out, resume, init_from)
+    if ckpt is not None:
+        cfg = _with_architecture_of(cfg, ckpt)
+    model, tokenizer, state, log = _starting_point(cfg, out, dev, resume, ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
-    model, tokenizer, state, log = _starting_point(cfg, out, dev, resume, init_from)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])

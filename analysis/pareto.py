@@ -25,13 +25,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from l2pd_harness.cli import OneLineParser  # noqa: E402
-from l2pd_harness.decoding.config import CACHES  # noqa: E402
+from l2pd_harness.decoding.config import CACHES, CHOICES  # noqa: E402
 from l2pd_harness.decoding.policies import POLICIES  # noqa: E402
 from l2pd_harness.files import FileFormatError, check_output_path, iter_jsonl, read_json  # noqa: E402
 from l2pd_harness.steplog import StepLogRow, is_count, is_finite_number, summarise  # noqa: E402
 
 AUP_DROP = 5.0  # accuracy points below a curve's first point past which its points no longer count
 PREFERRED_FILTERS = ("strict-match", "none", "exact")
+RULE_VARIANTS = {"learned_commit": "accepted", "eotp_mode": "fill"}
+"""Settings that change a policy's rule, with their defaults: a run off the default is a family of its own."""
 SETTINGS_COLUMNS = ("policy", "threshold", "factor", "eotp", "cache", "gen_length", "steps")
 # What the table reads of a run's l2pd settings, and what each must hold (a results file may hold anything).
 SETTINGS_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
@@ -43,13 +45,16 @@ SETTINGS_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "gen_length": (lambda value: is_count(value, minimum=1), "an integer >= 1"),
     "steps": (lambda value: is_count(value, minimum=1), "an integer >= 1"),
     "accept_threshold": (lambda value: value is None or is_finite_number(value), "a number or null"),
+    **{key: (lambda value, key=key: value in CHOICES[key], f"one of {list(CHOICES[key])}") for key in RULE_VARIANTS},
 }
 REQUEST_FIELDS = ("task", "doc_id", "repeat")  # which request a step-log row belongs to
 
 
 def family_of(settings: dict) -> str:
-    """A policy family: the policy with its EoTP and cache options (a curve in the plots)."""
+    """A policy family: the policy with its EoTP and cache options and any rule variant (a curve in the plots)."""
     name = settings["policy"] + ("+eotp" if settings["eotp"] else "")
+    name += "".join(f"[{settings[key]}]" for key, default in RULE_VARIANTS.items()
+                    if settings.get(key, default) != default)
     return name if settings["cache"] == "none" else f"{name}+{settings['cache']}"
 
 
@@ -78,6 +83,7 @@ def read_results(path: Path) -> tuple[dict, dict[str, dict]]:
     if not isinstance(settings, dict):
         raise FileFormatError(f"lm-eval results {str(path)!r} has no config.l2pd_settings mapping: not a run of "
                               "the l2pd model")
+    settings = {**RULE_VARIANTS, **settings}  # runs from before these settings existed used the defaults
     missing = [name for name in SETTINGS_RULES if name not in settings]
     if missing:
         raise FileFormatError(f"lm-eval results {str(path)!r}: config.l2pd_settings lacks {missing}")

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from l2pd_harness.cli import OneLineParser
 from l2pd_harness.files import FileFormatError, check_output_path, require_file
-from l2pd_harness.lm_eval_tasks import TASKS_DIR
+from l2pd_harness.lm_eval_tasks import TASKS_DIR, known_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK_NAME = "sweep.lock"
@@ -147,23 +147,6 @@ def check_positive(value: object, what: str) -> None:
     would read a fraction as a share of them, and the sweep's limits are counts)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise FileFormatError(f"{what} {value!r} is not a positive integer")
-
-
-class TaskYamlLoader(yaml.SafeLoader):
-    """Reads lm-eval task YAMLs, whose ``!function`` values name code the sweep does not need."""
-
-
-TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
-
-
-def known_tasks() -> set[str]:
-    """The task names and tags of the task YAMLs lm-eval is pointed at (``--include_path``)."""
-    names = set()
-    for path in TASKS_DIR.glob("*.yaml"):
-        task = yaml.load(path.read_text(), Loader=TaskYamlLoader)
-        tags = task.get("tag", [])
-        names |= {task.get("task", path.stem), *([tags] if isinstance(tags, str) else tags)}
-    return names
 
 
 def check_arguments(arguments: object, where: str, lists: bool = False) -> None:

@@ -30,11 +30,19 @@ from pathlib import Path
 
 import torch
 
-from l2pd_harness.cli import OneLineParser, UsageError, positive_int, user_errors
-from l2pd_harness.decoding.config import CACHES, DecodeConfig
+from l2pd_harness.cli import OneLineParser, UsageError, positive_int, script_main
+from l2pd_harness.decoding.config import CACHES, PRESETS, DecodeConfig
 from l2pd_harness.decoding.policies import POLICIES, Policy, StepState
 from l2pd_harness.evaluation import iter_decoded, summarise_rows
-from l2pd_harness.files import FileFormatError, check_output_path, read_json, read_jsonl, require_file, write_atomic
+from l2pd_harness.files import (
+    FileFormatError,
+    around_markers,
+    check_output_path,
+    read_json,
+    read_jsonl,
+    replace_marked,
+    write_atomic,
+)
 from l2pd_harness.filter.model import LearnedFilter, load_filter
 from l2pd_harness.loading import load_model
 from l2pd_harness.settings import coerce, decode_setup, make_config
@@ -56,11 +64,14 @@ class Run:
     """threshold, factor, or the learned policy's accept threshold."""
     filter: str | None = None
     """learned: the filter's label (``--filters NAME=PATH``)."""
+    preset: str | None = None
+    """A named group of settings (``DecodeConfig.preset``) under the run's own."""
 
     @property
     def name(self) -> str:
         variant = "".join(f"@{part}" for part in (self.filter, self.knob) if part is not None)
-        return f"{self.policy}{variant}{'+eotp' if self.eotp else ''}/{self.cache}"
+        preset = f"+{self.preset}" if self.preset else ""
+        return f"{self.policy}{variant}{'+eotp' if self.eotp else ''}{preset}/{self.cache}"
 
     def uncached(self) -> Run:
         return replace(self, cache="none")
@@ -68,14 +79,14 @@ class Run:
     def label(self) -> str:
         detail = {"fixed": "1 token/step", "oracle": "baseline output",
                   "learned": f"{self.filter}, accept {self.knob}"}.get(self.policy, str(self.knob))
-        return f"{self.policy} ({detail})"
+        return f"{self.policy} ({detail}{', ' + self.preset + ' rules' if self.preset else ''})"
 
 
 BASELINE = Run("fixed", False, "none")
 
 
 def grid(policies: list[str], caches: list[str], eotps: list[bool], knobs: dict[str, list[float]],
-         filters: dict[str, str]) -> list[Run]:
+         filters: dict[str, str], presets: tuple[str | None, ...] = (None,)) -> list[Run]:
     """The baseline first (the oracle's references and every ratio come from it), then each variant's
     cache=none run before its cached runs (their outputs are compared with it)."""
     variants = []
@@ -84,10 +95,10 @@ def grid(policies: list[str], caches: list[str], eotps: list[bool], knobs: dict[
             variants += [(policy, knob, name) for name in filters for knob in knobs[name]]
         else:
             variants += [(policy, knob, None) for knob in knobs.get(policy, [None])]
-    runs = [Run(policy, eotp, cache, knob, name) for policy, knob, name in variants for eotp in eotps
-            for cache in caches]
+    runs = [Run(policy, eotp, cache, knob, name, preset) for policy, knob, name in variants for preset in presets
+            for eotp in eotps for cache in caches]
     return sorted(runs, key=lambda run: (run != BASELINE, variants.index((run.policy, run.knob, run.filter)),
-                                         eotps.index(run.eotp), caches.index(run.cache)))
+                                         presets.index(run.preset), eotps.index(run.eotp), caches.index(run.cache)))
 
 
 class ForwardTimer:
@@ -171,27 +182,16 @@ def markdown_table(results: dict) -> str:
 
 
 def run_of(record: dict) -> Run:
-    return Run(record["policy"], record["eotp"], record["cache"], record.get("knob"), record.get("filter"))
-
-
-def readme_around(readme: Path, table: str) -> tuple[str, str]:
-    """The README's text up to and including the table's start marker, and from its end marker on."""
-    start, end = f"<!-- {table}:start -->", f"<!-- {table}:end -->"
-    text = require_file(readme, "--readme").read_text()
-    if start not in text or end not in text:
-        raise UsageError(f"--readme {str(readme)!r} lacks the {start} ... {end} markers (--table {table!r})")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return head + start, end + tail
+    return Run(record["policy"], record["eotp"], record["cache"], record.get("knob"), record.get("filter"),
+               record.get("preset"))
 
 
 def update_readme(readme: Path, results: dict, table: str) -> None:
-    head, tail = readme_around(readme, table)
     setup = results["setup"]
     caption = (f"\n{setup['n']} held-out test problems per task (seed {setup['data_seed']}), gen_length "
                f"{setup['gen_length']}, block_length {setup['block_length']}, batch size {setup['batch_size']}, "
                f"{setup['dtype']}, greedy; {setup['machine']}, torch {setup['torch']}.\n\n")
-    write_atomic(readme, head + caption + markdown_table(results) + "\n" + tail)
+    replace_marked(readme, table, "--readme", caption + markdown_table(results) + "\n")
 
 
 def float_list(text: str) -> list[float]:
@@ -222,6 +222,9 @@ def build_parser() -> OneLineParser:
                    help="learned: comma-separated NAME=PATH filter checkpoints; 'shipped' is the tiny model's")
     p.add_argument("--accept-thresholds", type=float_list, default=[],
                    help="learned: accept thresholds (default: each filter's own)")
+    p.add_argument("--presets", default="none",
+                   help=f"comma-separated presets to run each configuration under: none or {','.join(PRESETS)} "
+                        "(none)")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "decode.json", help="results JSON")
     p.add_argument("--rows-dir", type=Path, default=HERE.parent / "runs" / "bench-decode",
@@ -260,7 +263,8 @@ def run_settings(args: argparse.Namespace, run: Run, filters: dict[str, str | No
     knob = KNOB_SETTINGS.get(run.policy)
     return {"gen_length": args.gen_length, "block_length": args.block_length, "policy": run.policy, "eotp": run.eotp,
             "cache": run.cache, "batch_size": args.batch_size, **({knob: run.knob} if knob else {}),
-            **({"filter": filters[run.filter]} if run.policy == "learned" else {})}
+            **({"filter": filters[run.filter]} if run.policy == "learned" else {}),
+            **({"preset": run.preset} if run.preset else {})}
 
 
 def setup_of(args: argparse.Namespace) -> dict:
@@ -287,12 +291,7 @@ def read_results(path: Path, setup: dict) -> dict:
 
 
 def main() -> None:
-    parser = build_parser()
-    args = parser.parse_args()
-    try:
-        benchmark(args)
-    except user_errors() as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    script_main(build_parser(), benchmark)
 
 
 def plan(args: argparse.Namespace) -> tuple[list[str], list[Run], dict[str, str | None]]:
@@ -305,7 +304,9 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[Run], dict[str, str 
     cards = {name: load_filter(path, args.model, args.block_length).card for name, path in filters.items()}
     knobs = {"threshold": args.thresholds, "factor": args.factors,
              **{name: args.accept_thresholds or [card.accept_threshold] for name, card in cards.items()}}
-    runs = grid(policies, caches, eotps, knobs, filters)
+    presets = tuple(None if name == "none" else name for name in names("--presets", args.presets,
+                                                                        ("none", *PRESETS)))
+    runs = grid(policies, caches, eotps, knobs, filters, presets)
     for run in runs:
         make_config(run_settings(args, run, filters))
     return tasks, runs, filters
@@ -316,7 +317,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     check_output_path(args.out, "--out")
     check_output_path(args.rows_dir, "--rows-dir", directory=True)
     if args.readme != "none":
-        readme_around(check_output_path(args.readme, "--readme"), args.table)
+        around_markers(check_output_path(args.readme, "--readme"), args.table, "--readme")
 
 
 def benchmark(args: argparse.Namespace) -> None:

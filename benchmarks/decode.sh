@@ -30,3 +30,10 @@ python benchmarks/decode.py "${A500[@]}" --policies threshold --eotp yes --cache
 python benchmarks/decode.py "${A500[@]}" --policies learned --eotp yes --caches none,dual
 python benchmarks/decode.py --policies learned --eotp yes --caches none,dual
 python benchmarks/decode.py "${G1024[@]}" --policies learned,fixed --eotp yes --caches none
+# The Learn2PD paper's decoding rules next to ours, same filters (decode-paper.json).
+python benchmarks/decode.py --n 500 --tasks arith --policies learned --eotp yes --caches none \
+    --presets none,learn2pd-paper --filters shipped,block-fill=$F/f-block-fill --out benchmarks/results/decode-paper.json \
+    --rows-dir runs/bench-paper --table decode-paper-table
+python benchmarks/decode.py --gen-length 1024 --n 100 --tasks arith,listops --policies learned --eotp yes \
+    --caches none --presets none,learn2pd-paper --out benchmarks/results/decode-paper-1024.json \
+    --rows-dir runs/bench-paper-1024 --table decode-paper-1024-table

@@ -1,12 +1,12 @@
 """The ``l2pd`` command line: generate, data, grade, evaluate, train-base, collect-traces, train-filter,
-choose-threshold, regress (registered in :func:`build_parser`)."""
+choose-threshold, import-filter, regress, tasks-dir (registered in :func:`build_parser`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -36,7 +36,7 @@ def add_decode_options(p: argparse.ArgumentParser) -> None:
     """Options of the decode engine (every :class:`DecodeConfig` field) and the model, shared by ``generate`` and
     ``evaluate``."""
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    add_config_options(p, DecodeConfig)
+    add_config_options(p, DecodeConfig, given_only=True)
     p.add_argument("--references", type=Path, default=None,
                    help="policy oracle: an earlier `l2pd generate` output over the same prompts (its 'canvas'; a "
                         "shorter canvas is followed by end-of-text, a longer one cut to --gen-length)")
@@ -77,12 +77,12 @@ def read_requests(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def read_references(args: argparse.Namespace, count: int) -> list[list[int]] | None:
+def read_references(args: argparse.Namespace, policy: str, count: int) -> list[list[int]] | None:
     """The oracle's targets: the ``canvas`` of each row of ``--references`` (required by, and only for, oracle);
     their token ids are checked against the model by :func:`check_canvases` once it is loaded."""
-    if args.policy != "oracle":
+    if policy != "oracle":
         if args.references is not None:
-            raise UsageError(f"--references is only used by --policy oracle (got --policy {args.policy})")
+            raise UsageError(f"--references is only used by --policy oracle (got --policy {policy})")
         return None
     if args.references is None:
         raise UsageError("--policy oracle needs --references FILE: an earlier `l2pd generate` output over the "
@@ -114,7 +114,7 @@ def decoded_rows(args: argparse.Namespace, requests: list[dict], desc: str) -> t
     from l2pd_harness.settings import decode_setup
 
     cfg, policy = decode_setup(option_values(args, DecodeConfig), args.model, DecodeConfig)
-    references = read_references(args, len(requests))
+    references = read_references(args, cfg.policy, len(requests))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if references is not None:
         check_canvases(references, args.references, model.config.vocab_size)
@@ -385,7 +385,7 @@ def run_regress(args: argparse.Namespace) -> None:
 
 
 def add_train_filter_parser(subparsers: argparse._SubParsersAction) -> None:
-    from l2pd_harness.filter.model import ARCHITECTURES, FEATURES
+    from l2pd_harness.filter.model import ARCHITECTURES, FEATURES, POSITION_FEATURES
     from l2pd_harness.filter.train import FilterTrainConfig
 
     p = subparsers.add_parser(
@@ -399,7 +399,8 @@ def add_train_filter_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="block_mlp: the paper's (block confidences -> a logit per position); position_mlp: a "
                         "shared MLP on each position's --features (block_mlp)")
     p.add_argument("--features", default=None,
-                   help=f"comma-separated, from {','.join(FEATURES)} (block_mlp: confidence; position_mlp: all)")
+                   help=f"comma-separated, from {','.join(FEATURES)} (block_mlp: confidence; position_mlp: "
+                        f"{','.join(POSITION_FEATURES)})")
     p.add_argument("--hidden-size", type=positive_int, default=32, help="hidden width (32)")
     add_config_options(p, FilterTrainConfig)
     add_validation_decode_options(p)
@@ -424,13 +425,13 @@ def check_filter_out(path: str) -> Path:
 
 
 def run_train_filter(args: argparse.Namespace) -> None:
-    from l2pd_harness.filter.model import FEATURES, FilterConfig
+    from l2pd_harness.filter.model import POSITION_FEATURES, FilterConfig
     from l2pd_harness.filter.traces import check_base_model
     from l2pd_harness.filter.train import FilterTrainConfig, train_filter
     from l2pd_harness.loading import load_model
 
     features = args.features.split(",") if args.features else (
-        ["confidence"] if args.architecture == "block_mlp" else list(FEATURES))
+        ["confidence"] if args.architecture == "block_mlp" else list(POSITION_FEATURES))
     out = check_filter_out(args.out)
     meta = check_base_model(args.traces[0], args.model)
     try:
@@ -489,6 +490,37 @@ def run_choose_threshold(args: argparse.Namespace) -> None:
                       **{k: validation[k] for k in ("problems", "precision", "recall")}}))
 
 
+def add_import_filter_parser(subparsers: argparse._SubParsersAction) -> None:
+    from l2pd_harness.filter.released import PAPER_ACCEPT_THRESHOLD
+
+    p = subparsers.add_parser(
+        "import-filter", help="convert the Learn2PD paper's released filter (.pth) into a filter checkpoint",
+        description="Read the released Learn2PD filter (a torch state dict of linear1/linear2 weights and biases, "
+                    "loaded without running any code in the file) and write it as a filter checkpoint "
+                    "(NAME.safetensors + NAME.json) for the base model --base-model, whose fingerprint the card "
+                    "records: `l2pd generate --model SAME --policy learned --filter NAME.safetensors` then uses it.")
+    p.add_argument("released", type=Path, help="the released filter checkpoint (.pth)")
+    p.add_argument("--base-model", required=True,
+                   help="the checkpoint the filter was trained for (directory or hub id in the local HF cache), "
+                        "e.g. GSAI-ML/LLaDA-8B-Instruct")
+    p.add_argument("--out", required=True, help="checkpoint path (NAME.safetensors; NAME.json beside)")
+    p.add_argument("--accept-threshold", type=argument_type("accept_threshold", float), default=PAPER_ACCEPT_THRESHOLD,
+                   help=f"default accept threshold recorded in the card ({PAPER_ACCEPT_THRESHOLD}, the published one)")
+    p.set_defaults(func=run_import_filter)
+
+
+def run_import_filter(args: argparse.Namespace) -> None:
+    from l2pd_harness.filter.released import import_released
+
+    out = check_filter_out(args.out)
+    learned = import_released(args.released, args.base_model, args.accept_threshold)
+    learned.save(out)
+    print(json.dumps({"out": str(out), "base_model": learned.card.base_model,
+                      "base_model_name": learned.card.training["base_model_name"],
+                      "accept_threshold": learned.card.accept_threshold,
+                      "block_length": learned.card.config.block_length}))
+
+
 def add_tasks_dir_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tasks-dir", help="print the folder of the lm-eval task YAMLs shipped with the package",
@@ -501,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="l2pd", description="l2pd-harness: fast, measured decoding of diffusion LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in (add_generate_parser, add_data_parser, add_grade_parser, add_evaluate_parser, add_train_base_parser,
-                add_collect_traces_parser, add_train_filter_parser, add_choose_threshold_parser, add_regress_parser,
-                add_tasks_dir_parser):
+                add_collect_traces_parser, add_train_filter_parser, add_choose_threshold_parser,
+                add_import_filter_parser, add_regress_parser, add_tasks_dir_parser):
         add(subparsers)
     return parser
 
@@ -519,6 +551,16 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     return (UsageError, ModelLoadError, ConfigError, FilterError, FileFormatError, SettingsError, DecodeError,
             TaskError)
+
+
+def script_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None]) -> None:
+    """Parse the command line and ``run`` it, bad input reported in one line with exit code 2 (the benchmark
+    scripts)."""
+    args = parser.parse_args()
+    try:
+        run(args)
+    except user_errors() as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 def kept_rows(err: BaseException) -> str:

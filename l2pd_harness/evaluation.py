@@ -14,18 +14,28 @@ from l2pd_harness.tasks import get_task
 from l2pd_harness.text import decode_response, encode_prompt, stop_token_ids
 
 
-def decode_progress(prompts: int, positions: int, desc: str, disable: bool = False) -> tqdm:
+class DecodeProgress:
     """A progress bar over the canvas positions of a decode (``positions`` in all), so its rate and ETA are honest
-    while many sequences are in flight; the finished prompts show beside it (see :meth:`finish`)."""
-    bar = tqdm(total=positions, desc=desc, unit="pos", unit_scale=True, disable=disable)
-    bar.set_postfix_str(f"0/{prompts} prompts")
-    bar.prompts, bar.finished = prompts, 0
-    return bar
+    while many sequences are in flight; the finished prompts show beside it."""
 
+    def __init__(self, prompts: int, positions: int, desc: str, disable: bool = False):
+        self.prompts, self.finished = prompts, 0
+        self.bar = tqdm(total=positions, desc=desc, unit="pos", unit_scale=True, disable=disable)
+        self.bar.set_postfix_str(f"0/{prompts} prompts")
 
-def finish_prompt(bar: tqdm) -> None:
-    bar.finished += 1
-    bar.set_postfix_str(f"{bar.finished}/{bar.prompts} prompts", refresh=False)
+    def committed(self, positions: int) -> None:
+        """A step committed ``positions`` canvas positions (an engine ``on_progress`` observer)."""
+        self.bar.update(positions)
+
+    def finish_prompt(self) -> None:
+        self.finished += 1
+        self.bar.set_postfix_str(f"{self.finished}/{self.prompts} prompts", refresh=False)
+
+    def __enter__(self) -> DecodeProgress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.close()
 
 
 def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_template: bool = True,
@@ -41,12 +51,12 @@ def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_tem
     done: dict[int, dict] = {}
     next_index = 0
     # The engine refuses bad requests on this call, before the progress bar appears.
-    results = engine.stream(prompts, references, on_step, lambda count: bar.update(count))
-    with decode_progress(len(rows), len(rows) * cfg.gen_length, desc) as bar:
+    results = engine.stream(prompts, references, on_step, lambda count: progress.committed(count))
+    with DecodeProgress(len(rows), len(rows) * cfg.gen_length, desc) as progress:
         for index, result in results:
             done[index] = {**rows[index], "text": decode_response(tokenizer, result.token_ids, stops),
                            **StepLogRow.of(result, len(prompts[index]), stops).to_row(), "canvas": result.token_ids}
-            finish_prompt(bar)
+            progress.finish_prompt()
             while next_index in done:
                 yield done.pop(next_index)
                 next_index += 1

@@ -33,6 +33,24 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def around_markers(path: str | os.PathLike, name: str, what: str) -> tuple[str, str]:
+    """The text of ``path`` up to and including its ``<!-- NAME:start -->`` line's marker, and from its
+    ``<!-- NAME:end -->`` marker on (a generated section of a document sits between them)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = require_file(path, what).read_text()
+    if start not in text or end not in text:
+        raise FileFormatError(f"{what} {str(path)!r} lacks the {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + start, end + tail
+
+
+def replace_marked(path: str | os.PathLike, name: str, what: str, section: str) -> None:
+    """Replace what lies between ``path``'s ``NAME`` markers by ``section`` (atomically)."""
+    head, tail = around_markers(path, name, what)
+    write_atomic(Path(path), head + section + tail)
+
+
 def read_json(path: str | os.PathLike, what: str, expect: type = dict):
     """The JSON value in ``path``, which must be an instance of ``expect``."""
     path = require_file(path, what)

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from l2pd_harness.decoding.config import CHOICES, DecodeConfig
 from l2pd_harness.decoding.engine import Engine
-from l2pd_harness.evaluation import decode_progress, finish_prompt
+from l2pd_harness.evaluation import DecodeProgress
 from l2pd_harness.files import JsonlWriter
 from l2pd_harness.likelihood import monte_carlo_loglikelihood
-from l2pd_harness.loading import DTYPES, load_model, resolve_checkpoint
+from l2pd_harness.loading import DTYPES, available_devices, load_model, resolve_checkpoint
 from l2pd_harness.settings import SettingsError, coerce, coerce_fields, decode_setup
 from l2pd_harness.steplog import StepLogRow
 from l2pd_harness.text import decode_response, encode_pair, encode_prompt, stop_token_ids
@@ -104,8 +104,8 @@ def check_model_args(model_args: dict, config_class: type[DecodeConfig] = Decode
 def pick_device(device: str | None) -> str:
     """lm-eval passes ``cuda:0`` even on machines without CUDA: fall back to the CPU there, with a warning."""
     device = device or "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("device=%s requested but CUDA is not available; using cpu", device)
+    if device.startswith("cuda") and device not in available_devices():
+        log.warning("device=%s requested but this machine has only %s; using cpu", device, available_devices())
         return "cpu"
     return device
 
@@ -228,17 +228,17 @@ class L2PDLM(LM):
             by_canvas.setdefault(self.canvas_length(request.args[1].get("max_gen_toks")), []).append(i)
         texts: list[str] = [""] * len(requests)
         positions = sum(canvas * len(indices) for canvas, indices in by_canvas.items())
-        with decode_progress(len(requests), positions, "l2pd generate_until", disable_tqdm or self.rank != 0) as bar, \
-                StepLog(self.log_dir, requests, self.rank) as step_log:
+        with DecodeProgress(len(requests), positions, "l2pd generate_until", disable_tqdm or self.rank != 0
+                            ) as progress, StepLog(self.log_dir, requests, self.rank) as step_log:
             for canvas, indices in by_canvas.items():
                 engine = Engine(self.model, self.cfg.for_canvas(canvas), eot_ids=self.stops, policy=self.policy)
                 prompts = [self.fit(self.encode_context(requests[i].args[0]), canvas) for i in indices]
-                for local, result in engine.stream(prompts, on_progress=bar.update):
+                for local, result in engine.stream(prompts, on_progress=progress.committed):
                     index = indices[local]
                     text = decode_response(self.tokenizer, result.token_ids, self.stops)
                     texts[index] = cut_at_until(text, requests[index].args[1].get("until"))
                     step_log.write(index, StepLogRow.of(result, len(prompts[local]), self.stops), self.settings)
-                    finish_prompt(bar)
+                    progress.finish_prompt()
         return texts
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:

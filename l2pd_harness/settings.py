@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, fields, replace
 from functools import cache
 
-from l2pd_harness.decoding.config import CHOICES, DecodeConfig
+from l2pd_harness.decoding.config import CHOICES, PRESETS, DecodeConfig
 from l2pd_harness.decoding.policies import POLICIES, Policy
 
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -81,9 +81,11 @@ def coerce_fields(cls: type, values: Mapping[str, object]) -> dict:
 
 
 def make_config(values: Mapping[str, object], cls: type[DecodeConfig] = DecodeConfig) -> DecodeConfig:
-    """A checked config from ``values`` (text or typed); the only place a :class:`DecodeConfig` is built."""
+    """A checked config from ``values`` (text or typed); the only place a :class:`DecodeConfig` is built. A
+    ``preset`` supplies the settings ``values`` does not give."""
+    typed = coerce_fields(cls, values)
     try:
-        return cls(**coerce_fields(cls, values))
+        return cls(**{**PRESETS.get(typed.get("preset"), {}), **typed})
     except ValueError as err:
         raise SettingsError(str(err)) from None
 
@@ -140,10 +142,11 @@ def argument_type(name: str, kind: type, optional: bool = False, positive: bool 
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, names: tuple[str, ...] | None = None,
-                       defaults: Mapping[str, object] | None = None) -> None:
+                       defaults: Mapping[str, object] | None = None, given_only: bool = False) -> None:
     """One ``--option`` per field of the dataclass ``cls`` (``names``: a subset), typed by its annotation, help from
     its docstring, choices from :data:`CHOICES`, booleans as ``--x/--no-x``. ``defaults`` overrides the field
-    defaults for this command."""
+    defaults for this command. ``given_only``: an option not on the command line is left out of the parsed
+    arguments (so a ``preset`` can tell what was given), and the field's default applies."""
     docs, kinds = field_docs(cls), field_kinds(cls)
     for f in fields(cls):
         if names is not None and f.name not in names:
@@ -152,12 +155,14 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, names: tuple[
         default = (defaults or {}).get(f.name, None if f.default is MISSING else f.default)
         option = "--" + f.name.replace("_", "-")
         help_text = f"{docs.get(f.name, '')} ({default})"
+        parsed_default = argparse.SUPPRESS if given_only else default
         if kind is bool:
-            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=parsed_default,
+                                help=help_text)
         else:
             choices = CHOICES.get(f.name) if issubclass(cls, DecodeConfig) else None
-            parser.add_argument(option, type=argument_type(f.name, kind, optional), default=default, choices=choices,
-                                help=help_text)
+            parser.add_argument(option, type=argument_type(f.name, kind, optional), default=parsed_default,
+                                choices=choices, help=help_text)
 
 
 def option_values(args: argparse.Namespace, cls: type) -> dict:

@@ -212,3 +212,22 @@ def test_an_unwritable_out_is_one_line(out_name: str, message: str, runs: Path, 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "pareto.py: error: " + message.format(out=str(out),
                                                                              file=str(tmp_path / "a-file")) + "\n"
+
+
+def test_a_rule_variant_is_a_family_of_its_own() -> None:
+    ours = {"policy": "learned", "eotp": True, "cache": "none"}
+    assert pareto.family_of(ours) == pareto.family_of({**ours, "learned_commit": "accepted", "eotp_mode": "fill"})
+    paper = {**ours, "learned_commit": "with_schedule", "eotp_mode": "truncate", "cache": "dual"}
+    assert pareto.family_of(paper) == "learned+eotp[with_schedule][truncate]+dual"
+
+
+def test_a_sweep_grid_reaches_the_paper_preset(tmp_path: Path) -> None:
+    grid = tmp_path / "paper.yaml"
+    grid.write_text("tasks: [arith]\nlimit: 4\nbatch_size: 4\nmodel_args: {gen_length: 64}\n"
+                    "grid:\n  - {preset: learn2pd-paper, cache: [none, dual]}\n")
+    runs = sweep.configurations(sweep.read_grid(grid))
+    assert [run["preset"] for run in runs] == ["learn2pd-paper"] * 2
+    sweep.check_model_args_of(runs, "grid")  # the preset's learned policy finds the shipped filter
+    grid.write_text(grid.read_text().replace("learn2pd-paper", "paper"))
+    with pytest.raises(sweep.FileFormatError, match=r"preset='paper' is not one of \['learn2pd-paper'\]"):
+        sweep.check_model_args_of(sweep.configurations(sweep.read_grid(grid)), "grid")

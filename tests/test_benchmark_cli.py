@@ -95,7 +95,7 @@ def test_an_unknown_redo_is_one_line(error_of, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("readme_text", "message"), [
     (None, "--readme {path!r} does not exist"),
     ("# no table here\n", "--readme {path!r} lacks the <!-- decode-table:start --> ... <!-- decode-table:end --> "
-                          "markers (--table 'decode-table')"),
+                          "markers"),
 ])
 def test_a_bad_readme_is_one_line(readme_text: str | None, message: str, error_of, tmp_path: Path) -> None:
     path = tmp_path / "README.md"

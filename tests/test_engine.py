@@ -24,8 +24,10 @@ def model(random_checkpoint: Path):
     return load_model(random_checkpoint)[0]
 
 
-def fake_output(scheduler: Scheduler, commits: dict[int, dict[int, int]], block_length: int) -> RunnerOutput:
-    """A runner's answer committing ``{request_id: {block offset: token}}``."""
+def fake_output(scheduler: Scheduler, commits: dict[int, dict[int, int]], block_length: int,
+                confidence: dict[int, float] | None = None) -> RunnerOutput:
+    """A runner's answer committing ``{request_id: {block offset: token}}`` (every request's confidence at a block
+    offset from ``confidence``, 0.5 elsewhere)."""
     ids = list(scheduler.running)
     commit_mask = torch.zeros(len(ids), block_length, dtype=torch.bool)
     prediction = torch.full((len(ids), block_length), 50)
@@ -33,13 +35,16 @@ def fake_output(scheduler: Scheduler, commits: dict[int, dict[int, int]], block_
         for offset, token in commits.get(request_id, {}).items():
             commit_mask[row, offset], prediction[row, offset] = True, token
     zeros = torch.zeros(len(ids), block_length)
-    state = StepState(confidence=zeros, margin=zeros, entropy=zeros, prediction=prediction, masked=~commit_mask,
+    conf = torch.full((len(ids), block_length), 0.5)
+    for offset, value in (confidence or {}).items():
+        conf[:, offset] = value
+    state = StepState(confidence=conf, margin=zeros, entropy=zeros, prediction=prediction, masked=~commit_mask,
                       block_step=torch.zeros(len(ids), dtype=torch.long), noise=zeros)
-    return RunnerOutput(ids, commit_mask, [1] * len(ids), state)
+    return RunnerOutput(ids, commit_mask, [1] * len(ids), state, torch.ones(len(ids), dtype=torch.bool))
 
 
-def make_scheduler(eotp: bool, batch_size: int = 2, requests: int = 1) -> Scheduler:
-    cfg = DecodeConfig(gen_length=16, block_length=8, eotp=eotp, batch_size=batch_size)
+def make_scheduler(eotp: bool, batch_size: int = 2, requests: int = 1, eotp_mode: str = "fill") -> Scheduler:
+    cfg = DecodeConfig(gen_length=16, block_length=8, eotp=eotp, batch_size=batch_size, eotp_mode=eotp_mode)
     return Scheduler(cfg, MASK, EOS, {EOS, EOT}, [[1, 2]] * requests, None, torch.device("cpu"))
 
 
@@ -56,6 +61,27 @@ def test_eotp_commits_the_tail_after_a_committed_end_of_text() -> None:
     result = done.result()
     assert result.token_ids == [40, 41, 42, 43, 44, EOT] + [EOS] * 10
     assert result.nfe == 2 and result.tokens_per_step == [2, 4]
+
+
+def test_eotp_fill_cuts_after_the_first_of_several_end_of_text_commits() -> None:
+    scheduler = make_scheduler(eotp=True)
+    scheduler.schedule()
+    scheduler.update_from_output(fake_output(scheduler, {0: {2: EOT, 5: EOS}}, 8, confidence={2: 0.6, 5: 0.9}))
+    assert scheduler.running[0].live_length == 3
+
+
+def test_paper_eotp_cuts_the_canvas_after_the_most_confident_end_of_text() -> None:
+    scheduler = make_scheduler(eotp=True, eotp_mode="truncate")
+    scheduler.schedule()
+    scheduler.update_from_output(fake_output(scheduler, {0: {0: 40, 2: EOT, 5: EOS}}, 8,
+                                             confidence={2: 0.6, 5: 0.9}))
+    request = scheduler.running[0]
+    assert request.live_length == 6 and request.canvas[6:].tolist() == [EOS] * 10
+    (second,) = scheduler.schedule().requests
+    assert second.token_ids.tolist() == [1, 2, 40, MASK, EOT, MASK, MASK, EOS]  # the input ends at the cut
+    (done,) = scheduler.update_from_output(fake_output(scheduler, {0: {1: 41, 3: 43, 4: 44}}, 8))
+    assert done.result().token_ids == [40, 41, EOT, 43, 44, EOS] + [EOS] * 10
+    assert done.result().tokens_per_step == [3, 3]
 
 
 def test_without_eotp_the_whole_canvas_is_decoded() -> None:
@@ -93,6 +119,8 @@ SETTINGS = [
     {"policy": "threshold", "threshold": 0.3, "eotp": True},
     {"policy": "threshold", "threshold": 0.3, "eotp": True, "cache": "prefix"},
     {"policy": "factor", "factor": 2.0, "cache": "dual", "eotp": True},
+    {"policy": "threshold", "threshold": 0.3, "eotp": True, "eotp_mode": "truncate"},
+    {"policy": "fixed", "steps": 8, "eotp": True, "eotp_mode": "truncate", "cache": "dual"},
 ]
 
 
@@ -103,6 +131,17 @@ def test_outputs_do_not_depend_on_batch_size(model, settings: dict) -> None:
         together = decode(model, PROMPTS, FREQUENT_EOT, batch_size=batch_size, **settings)
         assert [r.token_ids for r in together] == [r.token_ids for r in alone], batch_size
         assert [r.tokens_per_step for r in together] == [r.tokens_per_step for r in alone]
+
+
+def test_truncating_eotp_shortens_later_passes(model) -> None:
+    settings = dict(policy="threshold", threshold=0.3, eotp=True)
+    fill = decode(model, PROMPTS, FREQUENT_EOT, **settings)
+    cut = decode(model, PROMPTS, FREQUENT_EOT, eotp_mode="truncate", **settings)
+    for prompt, kept, shortened in zip(PROMPTS, fill, cut, strict=True):
+        assert set(kept.positions_per_step) == {len(prompt) + 32}  # fill: every pass reads the whole canvas
+        assert shortened.positions_per_step[0] == len(prompt) + 32
+        assert MASK not in shortened.token_ids
+    assert sum(sum(r.positions_per_step) for r in cut) < sum(sum(r.positions_per_step) for r in fill)
 
 
 def test_eotp_cuts_passes(model) -> None:
@@ -167,11 +206,11 @@ def test_cache_reuse_reproduces_a_full_pass_when_nothing_changed(model) -> None:
     slots = torch.tensor([2, 0, 1])
     cache = KVCache(model.config, slots=3, dtype=torch.float32, device=torch.device("cpu"))
     with torch.no_grad():
-        full = model(ids, kv_cache=cache.refresh(slots, lengths))  # [3, 20, V]
+        full = model(ids, kv_cache=cache.refresh(slots, lengths, 20))  # [3, 20, V]
         start = torch.tensor([8, 3, 5])
         for width in (4, 12):  # a dual-sized slice, and one running past each row's end (prefix)
             positions = start[:, None] + torch.arange(width)
-            sliced = model(ids.gather(1, positions.clamp(max=19)), kv_cache=cache.reuse(slots, positions, lengths))
+            sliced = model(ids.gather(1, positions.clamp(max=19)), kv_cache=cache.reuse(slots, positions, lengths, 20))
             for row in range(3):
                 valid = positions[row] < lengths[row]
                 torch.testing.assert_close(sliced[row][valid], full[row, positions[row][valid]], atol=1e-5,

@@ -60,7 +60,7 @@ def test_config_errors_name_the_bad_value() -> None:
         FilterConfig("cnn")
     with pytest.raises(FilterError, match=r"features=\['logit'\] must be a non-empty subset"):
         FilterConfig("position_mlp", ("logit",))
-    with pytest.raises(FilterError, match="block_mlp' reads the block's confidences only"):
+    with pytest.raises(FilterError, match=r"block_mlp' reads one of \[\['confidence'\], \['raw_confidence'\]\], got"):
         FilterConfig("block_mlp", ("confidence", "margin"))
     with pytest.raises(FilterError, match="hidden_size=0"):
         FilterConfig(hidden_size=0)
@@ -160,7 +160,8 @@ def test_recorder_labels_predictions_against_the_reference() -> None:
                       prediction=prediction, masked=torch.ones(2, 4, dtype=torch.bool),
                       block_step=torch.tensor([1, 0]), noise=torch.zeros(2, 4))
     recorder = StepRecorder()
-    recorder(SchedulerOutput(rows), RunnerOutput([0, 1], torch.zeros(2, 4, dtype=torch.bool), [6, 6], state))
+    recorder(SchedulerOutput(rows), RunnerOutput([0, 1], torch.zeros(2, 4, dtype=torch.bool), [6, 6], state,
+                                                torch.ones(2, dtype=torch.bool)))
     steps = recorder.steps(references, block_length=4)
     assert steps["label"].tolist() == [[True, False, True, False], [True, True, False, True]]
     assert steps["block"].tolist() == [1, 0] and steps["problem"].tolist() == [0, 1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import (
     Factor,
     FixedQuota,
+    FixedSchedule,
     Learned,
     Oracle,
     StepState,
@@ -43,7 +46,8 @@ def hand_state(confidence: list[float], masked: list[bool], **extra) -> StepStat
 
 
 POLICIES = [FixedQuota(4), FixedQuota(4, "random"), Threshold(0.9), Threshold(0.5), Factor(1.0), Factor(0.3),
-            Oracle(), Learned(lambda state: state.confidence.sqrt(), 0.5)]
+            Oracle(), Learned(lambda state: state.confidence.sqrt(), 0.5),
+            Learned(lambda state: state.confidence.sqrt(), 0.9, FixedSchedule(16, 16))]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -64,7 +68,7 @@ def test_rows_are_independent(batch: int) -> None:
     for policy in POLICIES:
         together = policy(state)
         for row in range(batch):
-            alone = StepState(**{k: v[row:row + 1] for k, v in vars(state).items()})
+            alone = StepState(**{k: v[row:row + 1] for k, v in vars(state).items() if v is not None})
             assert torch.equal(policy(alone)[0], together[row]), (policy, row)
 
 
@@ -141,6 +145,26 @@ def test_learned_slot_commits_what_the_filter_accepts() -> None:
     assert flip(state).tolist() == [[True, False, False, False]]
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+def test_paper_rule_is_the_union_of_accepted_and_the_schedules_top_k(batch: int) -> None:
+    state = synthetic_state(batch)
+    accepted = state.confidence > 0.6
+    for steps_per_block, block_step in ((16, 0), (4, 1), (5, 0), (5, 3)):
+        state.block_step = torch.full((batch,), block_step)
+        # LLaDA's schedule for a fully masked block of 16 over 5 passes is [4, 3, 3, 3, 3].
+        quota = torch.full((batch,), [4, 3, 3, 3, 3][block_step] if steps_per_block == 5 else 16 // steps_per_block)
+        schedule = top_k_commit(state.confidence, state.masked, quota)
+        paper = Learned(lambda s: s.confidence, 0.6, FixedSchedule(16, steps_per_block))
+        assert torch.equal(paper(state), (accepted & state.masked) | schedule)
+
+
+def test_paper_rule_commits_the_schedules_token_even_when_the_filter_accepts_others() -> None:
+    state = hand_state([0.2, 0.8, 0.6, 0.9], [True, True, True, True])
+    trusts_low = Learned(lambda s: 1 - s.confidence, 0.5, FixedSchedule(4, 4))  # accepts position 0 only
+    assert trusts_low(state).tolist() == [[True, False, False, True]]  # ... and the schedule adds the best one
+    assert Learned(lambda s: 1 - s.confidence, 0.5)(state).tolist() == [[True, False, False, False]]
+
+
 def test_build_policy_from_config() -> None:
     assert build_policy(DecodeConfig(gen_length=64, steps=16)) == FixedQuota(8, "low_confidence")
     assert build_policy(DecodeConfig(policy="threshold", threshold=0.7)) == Threshold(0.7)
@@ -151,6 +175,9 @@ def test_build_policy_from_config() -> None:
 
     learned = build_policy(DecodeConfig(policy="learned", accept_threshold=0.8), learned_filter=trust_margin)
     assert learned == Learned(trust_margin, 0.8)
+    paper = DecodeConfig(policy="learned", accept_threshold=0.96, learned_commit="with_schedule", gen_length=64,
+                         steps=16)
+    assert build_policy(paper, learned_filter=trust_margin) == Learned(trust_margin, 0.96, FixedSchedule(32, 8))
     with pytest.raises(ValueError, match="policy 'learned' needs a trained filter"):
         build_policy(DecodeConfig(policy="learned"))
 
@@ -177,6 +204,10 @@ def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
     ({"policy": "learned", "accept_threshold": 1.0}, r"accept_threshold=1.0 must be in \(0, 1\)"),
     ({"accept_threshold": 0.9}, "filter and accept_threshold are only used by policy 'learned'"),
     ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
+    ({"learned_commit": "with_schedule"}, "learned_commit='with_schedule' is only used by policy 'learned'"),
+    ({"eotp_mode": "truncate"}, "eotp_mode='truncate' needs eotp=true"),
+    ({"eotp": True, "eotp_mode": "drop"}, r"eotp_mode='drop' is not one of \['fill', 'truncate'\]"),
+    ({"preset": "fast"}, r"preset='fast' is not one of \['learn2pd-paper'\]"),
     *[({name: value, **({"policy": "learned"} if name == "accept_threshold" else {})}, f"{name}={value} must be a "
        "finite number") for name in ("threshold", "factor", "temperature", "cfg_scale", "accept_threshold")
       for value in (float("nan"), float("inf"))],
@@ -184,3 +215,16 @@ def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
 def test_bad_settings_name_the_value(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DecodeConfig(**settings)
+
+
+def test_margin_and_entropy_come_from_the_distributions_only_when_read() -> None:
+    probs = torch.tensor([[[0.7, 0.2, 0.1, 1e-30], [0.25, 0.25, 0.25, 0.25]]], dtype=torch.float64)  # [1, 2, V]
+    state = StepState(confidence=probs.amax(-1), prediction=probs.argmax(-1), masked=torch.ones(1, 2, dtype=torch.bool),
+                      block_step=torch.zeros(1, dtype=torch.long), noise=torch.zeros(1, 2), probs=probs)
+    Threshold(0.9)(state)
+    FixedQuota(2)(state)
+    assert state.margin is None and state.entropy is None  # neither rule reads them: never computed
+    margin, entropy = state.spread()
+    assert torch.allclose(margin, torch.tensor([[0.5, 0.0]], dtype=torch.float64))
+    expected = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1) + 1e-30 * math.log(1e-30))
+    assert torch.allclose(entropy, torch.tensor([[expected, math.log(4)]], dtype=torch.float64))

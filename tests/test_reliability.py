@@ -135,7 +135,7 @@ def test_nan_logits_stop_with_the_step_and_request(capsys, random_checkpoint: Pa
             (broken / name).write_bytes((random_checkpoint / name).read_bytes())
     error = one_line_error(capsys, "generate", "--model", str(broken), "--prompt", "hi", "--gen-length", "16",
                            "--block-length", "16")
-    assert "forward pass 1: the model returned NaN or infinite logits for request(s) [0]" in error
+    assert "request 0: forward pass 1 returned NaN or infinite logits" in error
 
 
 class MaskLovingModel(nn.Module):

@@ -58,6 +58,26 @@ def test_decode_setup_resolves_the_learned_filter_and_its_threshold() -> None:
     assert decode_setup({"policy": "threshold", "threshold": 0.7})[1].threshold == 0.7
 
 
+def test_a_preset_fills_what_is_not_given_and_yields_to_what_is() -> None:
+    cfg, policy = decode_setup({"preset": "learn2pd-paper", "gen_length": "64"})
+    assert (cfg.policy, cfg.learned_commit, cfg.eotp, cfg.eotp_mode, cfg.block_length, cfg.steps) == (
+        "learned", "with_schedule", True, "truncate", 32, 64)
+    assert policy.schedule is not None and policy.accept_threshold == cfg.accept_threshold
+    assert make_config({"preset": "learn2pd-paper", "eotp_mode": "fill"}).eotp_mode == "fill"
+    with pytest.raises(SettingsError, match=r"preset='paper' is not one of \['learn2pd-paper'\]"):
+        make_config({"preset": "paper"})
+
+
+def test_the_preset_reaches_the_command_line_and_lm_eval(random_checkpoint: Path) -> None:
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--preset", "learn2pd-paper", "--no-eotp"])
+    assert option_values(args, DecodeConfig) == {"preset": "learn2pd-paper", "eotp": False}  # only what was given
+    with pytest.raises(SettingsError, match="eotp_mode='truncate' needs eotp=true"):
+        make_config(option_values(args, DecodeConfig))
+    lm = L2PDLM.create_from_arg_string("preset=learn2pd-paper,gen_length=64", {"batch_size": 4})
+    assert (lm.cfg.policy, lm.cfg.learned_commit, lm.cfg.eotp_mode, lm.cfg.batch_size) == (
+        "learned", "with_schedule", "truncate", 4)
+
+
 def test_a_new_field_reaches_the_command_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setattr(cli, "DecodeConfig", ConfigWithKnob)
     parser = cli.build_parser()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from l2pd_harness.lm_eval_tasks import known_tasks
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "analysis"))
 
@@ -238,7 +240,7 @@ def test_the_cli_reports_a_bad_grid_in_one_line(tmp_path: Path, capsys: pytest.C
 
 
 def test_the_shipped_tasks_and_their_tag_are_known() -> None:
-    assert {"arith", "listops", "gsm8k_local", "l2pd"} <= sweep.known_tasks()
+    assert {"arith", "listops", "gsm8k_local", "l2pd"} <= known_tasks()
 
 
 @pytest.mark.parametrize(("out_name", "message"), [

@@ -9,7 +9,16 @@ from l2pd_harness.decoding.policies import POLICIES
 
 REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual")
-CHOICES = {"policy": tuple(POLICIES), "remasking": REMASKING, "cache": CACHES}
+LEARNED_COMMITS = ("accepted", "with_schedule")
+EOTP_MODES = ("fill", "truncate")
+PRESETS = {
+    "learn2pd-paper": {"policy": "learned", "learned_commit": "with_schedule", "eotp": True, "eotp_mode": "truncate",
+                       "block_length": 32},
+}
+"""Named groups of settings. ``learn2pd-paper`` is the Learn2PD paper's decoding: its filter's accepted positions
+together with the fixed schedule's, and its End-of-Text Prediction that shortens the canvas."""
+CHOICES = {"policy": tuple(POLICIES), "remasking": REMASKING, "cache": CACHES, "learned_commit": LEARNED_COMMITS,
+           "eotp_mode": EOTP_MODES, "preset": tuple(PRESETS)}
 """The allowed values of the fields that take a name (the command line offers them as choices)."""
 REAL_FIELDS = ("threshold", "factor", "temperature", "cfg_scale", "accept_threshold")
 """The fields that take a real number; nan passes every range comparison unrefused and inf wrecks the arithmetic
@@ -42,9 +51,17 @@ class DecodeConfig:
     accept_threshold: float | None = None
     """``learned``: commit the masked positions whose filter probability exceeds this (at least one); ``None`` is
     the filter's own default, chosen on validation problems."""
+    learned_commit: str = "accepted"
+    """``learned``: what a pass commits: accepted (the positions the filter accepts, or the most confident one if
+    none) or with_schedule (the Learn2PD paper's: the accepted positions together with the k most confident masked
+    ones, k = block_length / (steps per block) as in ``fixed``, so 1 when steps = gen_length)."""
     eotp: bool = False
-    """End-of-Text Prediction: once end-of-text is committed at position p, commit every later position as
-    end-of-text (no pass decodes them; they stay in the model's input)."""
+    """End-of-Text Prediction: once end-of-text is committed, no pass decodes the canvas after it (eotp_mode says
+    how)."""
+    eotp_mode: str = "fill"
+    """With eotp: fill (commit every position after the first committed end-of-text as end-of-text; they stay in
+    the model's input) or truncate (the Learn2PD paper's: cut the canvas right after the most confident end-of-text
+    a pass commits, so later passes are shorter; the output reads end-of-text there)."""
     cache: str = "none"
     """KV cache: none; prefix (reuse keys/values before the block); dual (reuse before and after it)."""
     temperature: float = 0.0
@@ -55,6 +72,9 @@ class DecodeConfig:
     """Seed of the random choices (temperature noise, random remasking)."""
     batch_size: int = 16
     """Sequences in flight at once; a finished one hands its slot to the next waiting request."""
+    preset: str | None = None
+    """A named group of settings, applied to every setting not given explicitly: learn2pd-paper (policy learned,
+    learned_commit with_schedule, eotp with eotp_mode truncate, block_length 32: the paper's rules)."""
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0:
@@ -67,7 +87,7 @@ class DecodeConfig:
             raise ValueError(f"steps={self.steps} must be a multiple of the number of blocks ({self.num_blocks}) "
                              f"between {self.num_blocks} and gen_length={self.gen_length}")
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and not (name == "preset" and self.preset is None):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
         for name in REAL_FIELDS:
             value = getattr(self, name)
@@ -80,6 +100,11 @@ class DecodeConfig:
         if not POLICIES[self.policy].needs_filter and (self.filter is not None or self.accept_threshold is not None):
             raise ValueError(f"filter and accept_threshold are only used by policy 'learned' (got policy "
                              f"{self.policy!r}, filter={self.filter!r}, accept_threshold={self.accept_threshold!r})")
+        if self.policy != "learned" and self.learned_commit != "accepted":
+            raise ValueError(f"learned_commit={self.learned_commit!r} is only used by policy 'learned' (got policy "
+                             f"{self.policy!r})")
+        if not self.eotp and self.eotp_mode != "fill":
+            raise ValueError(f"eotp_mode={self.eotp_mode!r} needs eotp=true")
         if self.factor <= 0:
             raise ValueError(f"factor={self.factor} must be > 0")
         if self.temperature < 0:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.decoding.memory import check_memory, plan_memory
 from l2pd_harness.decoding.policies import Policy, build_policy
 from l2pd_harness.decoding.runner import ModelRunner
 from l2pd_harness.decoding.scheduler import (
@@ -56,7 +57,18 @@ class Engine:
             raise ValueError("policy 'oracle' needs references: one reference output per prompt")
         check_lengths([len(p) for p in prompts], self.cfg.gen_length,
                       getattr(self.model.config, "max_sequence_length", None))
+        self._check_memory(prompts)
         return self._steps(prompts, references, on_step, on_progress)
+
+    def _check_memory(self, prompts: list[list[int]]) -> None:
+        """On a GPU, refuse before any work a batch whose cache and step cannot fit the free memory."""
+        weight = next(self.model.parameters())
+        if weight.device.type != "cuda" or not isinstance(self.model, LLaDAModel):
+            return
+        slots, longest = max(1, min(self.cfg.batch_size, len(prompts))), max(map(len, prompts), default=0)
+        free, total = torch.cuda.mem_get_info(weight.device)
+        plan = plan_memory(self.model.config, self.cfg, slots, longest, weight.dtype)
+        check_memory(plan, free, total, slots, longest + self.cfg.gen_length)
 
     def _steps(self, prompts: list[list[int]], references: list[list[int]] | None, on_step: StepObserver | None,
                on_progress: ProgressObserver | None) -> Iterator[tuple[int, GenerationResult]]:

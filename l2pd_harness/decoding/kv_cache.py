@@ -69,17 +69,17 @@ class KVCache:
             new[:, :, : old.shape[2]] = old
         self.keys, self.values = grown[: self.num_layers], grown[self.num_layers:]
 
-    def refresh(self, slots: torch.Tensor, lengths: torch.Tensor) -> CachePass:
-        """A full pass over sequences ``[B, S]`` (right-padded to ``S``) that stores their keys/values."""
-        width = int(lengths.max())
+    def refresh(self, slots: torch.Tensor, lengths: torch.Tensor, width: int) -> CachePass:
+        """A full pass over sequences ``[B, S]`` of ``lengths [B]`` (right-padded to ``S = width``, the longest)
+        that stores their keys/values."""
         self.reserve(width)
         columns = torch.arange(width, device=lengths.device)
         return CachePass(self, slots, columns.expand(len(slots), width), columns < lengths[:, None], write=True)
 
-    def reuse(self, slots: torch.Tensor, query_positions: torch.Tensor, lengths: torch.Tensor) -> CachePass:
-        """A pass whose queries are ``query_positions [B, Q]`` of sequences of ``lengths [B]``; the rest of each
-        sequence comes from the store."""
-        width = int(lengths.max())
+    def reuse(self, slots: torch.Tensor, query_positions: torch.Tensor, lengths: torch.Tensor,
+              width: int) -> CachePass:
+        """A pass whose queries are ``query_positions [B, Q]`` of sequences of ``lengths [B]`` (the longest
+        ``width``); the rest of each sequence comes from the store."""
         valid = query_positions < lengths[:, None]  # [B, Q]
         key_mask = torch.arange(width + 1, device=lengths.device) < lengths[:, None]  # [B, S + 1], spare masked
         return CachePass(self, slots, query_positions, key_mask, write=False, query_valid=valid)
@@ -95,6 +95,7 @@ class KVCache:
         ``positions``; padded query columns go to the spare last column, which the key mask hides."""
         target = positions.masked_fill(~valid, width - 1)  # [B, Q]
         index = target[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, kv_heads, Q, hd]
-        keys = self.keys[layer][slots, :, :width].scatter(2, index, k)
-        values = self.values[layer][slots, :, :width].scatter(2, index, v)
+        # Indexing by slot already copies the rows, so the fresh keys/values go into that copy in place.
+        keys = self.keys[layer][slots, :, :width].scatter_(2, index, k)
+        values = self.values[layer][slots, :, :width].scatter_(2, index, v)
         return keys, values

@@ -25,10 +25,6 @@ class StepState:
 
     confidence: torch.Tensor
     """``[B, L]`` float: probability of the predicted token at each block position."""
-    margin: torch.Tensor
-    """``[B, L]`` float: top-1 minus top-2 probability at each block position."""
-    entropy: torch.Tensor
-    """``[B, L]`` float: entropy (nats) of each block position's predicted distribution."""
     prediction: torch.Tensor
     """``[B, L]`` long: the token each block position would get now."""
     masked: torch.Tensor
@@ -39,6 +35,22 @@ class StepState:
     """``[B, L]`` float in [0, 1): seeded random scores (``fixed`` with random remasking)."""
     reference: torch.Tensor | None = None
     """``[B, L]`` long: each row's reference output on the block (``oracle`` only)."""
+    margin: torch.Tensor | None = None
+    """``[B, L]`` float: top-1 minus top-2 probability at each block position (:meth:`spread`)."""
+    entropy: torch.Tensor | None = None
+    """``[B, L]`` float: entropy (nats) of each block position's predicted distribution (:meth:`spread`)."""
+    probs: torch.Tensor | None = None
+    """``[B, L, V]`` float64: the predicted distributions, from which :meth:`spread` works out margin and entropy
+    when first asked (at a real vocabulary each is a pass over the largest tensor of a step: never made for a
+    policy that does not read them)."""
+
+    def spread(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(margin, entropy)``, each ``[B, L]``."""
+        if self.margin is None or self.entropy is None:
+            top2 = self.probs.topk(2, dim=-1).values  # [B, L, 2]
+            self.margin = top2[..., 0] - top2[..., 1]
+            self.entropy = torch.special.entr(self.probs).sum(-1)  # 0 * log 0 read as 0
+        return self.margin, self.entropy
 
 
 class Policy(Protocol):
@@ -81,6 +93,21 @@ class FixedQuota:
 
 
 @dataclass(frozen=True)
+class FixedSchedule:
+    """LLaDA's schedule as fixed at a block's start: pass i of the block commits the ``quota(i)`` most confident
+    masked positions, ``block_length`` spread evenly over ``steps_per_block`` passes, the remainder to the first
+    ones. Unlike :class:`FixedQuota` it does not shrink when another rule has committed positions too."""
+
+    block_length: int
+    steps_per_block: int
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        base, extra = divmod(self.block_length, self.steps_per_block)
+        quota = base + (state.block_step < extra).long()  # [B]
+        return top_k_commit(state.confidence, state.masked, quota)
+
+
+@dataclass(frozen=True)
 class Threshold:
     """Fast-dLLM's confidence threshold: every masked position with confidence above ``threshold``."""
 
@@ -118,13 +145,23 @@ class Oracle:
 @dataclass(frozen=True)
 class Learned:
     """Learn2PD: ``filter(state) -> [B, L]`` probability that each position's prediction is already final;
-    the masked positions above ``accept_threshold`` are committed (at least one, the most confident)."""
+    the masked positions above ``accept_threshold`` are committed: with ``schedule`` (the paper's rule) together
+    with the schedule's commits, without it at least one (the most confident)."""
 
     filter: Filter
     accept_threshold: float
+    schedule: FixedSchedule | None = None
 
     def __call__(self, state: StepState) -> torch.Tensor:
-        return at_least_one(self.filter(state) > self.accept_threshold, state)
+        accepted = self.filter(state) > self.accept_threshold  # [B, L]
+        if self.schedule is None:
+            return at_least_one(accepted, state)
+        return (accepted & state.masked) | self.schedule(state)
+
+
+def build_learned(cfg: DecodeConfig, learned: Filter) -> Learned:
+    schedule = FixedSchedule(cfg.block_length, cfg.steps_per_block) if cfg.learned_commit == "with_schedule" else None
+    return Learned(learned, cfg.accept_threshold, schedule)
 
 
 @dataclass(frozen=True)
@@ -145,8 +182,7 @@ POLICIES: dict[str, PolicySpec] = {
     "threshold": PolicySpec(lambda cfg, _: Threshold(cfg.threshold), lambda s: f"threshold {s['threshold']}"),
     "factor": PolicySpec(lambda cfg, _: Factor(cfg.factor), lambda s: f"factor {s['factor']}"),
     "oracle": PolicySpec(lambda cfg, _: Oracle(), lambda s: "oracle"),
-    "learned": PolicySpec(lambda cfg, learned: Learned(learned, cfg.accept_threshold),
-                          lambda s: f"accept {s['accept_threshold']}", needs_filter=True),
+    "learned": PolicySpec(build_learned, lambda s: f"accept {s['accept_threshold']}", needs_filter=True),
 }
 """Every decode policy: adding one is an entry here (plus its class above and its tests)."""
 

@@ -15,7 +15,7 @@ from torch import nn
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.kv_cache import KVCache
 from l2pd_harness.decoding.policies import Policy, StepState
-from l2pd_harness.decoding.scheduler import DecodeError, RunnerOutput, ScheduledRequest, SchedulerOutput
+from l2pd_harness.decoding.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -52,21 +52,25 @@ class StepBatch:
     block_start: torch.Tensor  # [B] column of each row's block
     prompt_length: torch.Tensor  # [B]
     slots: torch.Tensor  # [B]
+    host_lengths: list[int]
+    """``lengths`` as the host knows them: widths and counts come from here, not from reading the device."""
+    host_block_start: list[int]
 
     @classmethod
     def of(cls, rows: list[ScheduledRequest], pad_id: int, device: torch.device) -> StepBatch:
         def column(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, device=device)
 
-        return cls(right_pad([r.token_ids for r in rows], pad_id), column([len(r.token_ids) for r in rows]),
-                   column([r.block_start for r in rows]), column([r.prompt_length for r in rows]),
-                   column([r.slot for r in rows]))
+        lengths, block_start = [len(r.token_ids) for r in rows], [r.block_start for r in rows]
+        return cls(right_pad([r.token_ids for r in rows], pad_id), column(lengths), column(block_start),
+                   column([r.prompt_length for r in rows]), column([r.slot for r in rows]), lengths, block_start)
 
     def select(self, group: list[int]) -> StepBatch:
         """The rows ``group``, padded only as wide as the longest of them."""
-        lengths = self.lengths[group]
-        return StepBatch(self.ids[group, : int(lengths.max())], lengths, self.block_start[group],
-                         self.prompt_length[group], self.slots[group])
+        lengths = [self.host_lengths[i] for i in group]
+        return StepBatch(self.ids[group, : max(lengths)], self.lengths[group], self.block_start[group],
+                         self.prompt_length[group], self.slots[group], lengths,
+                         [self.host_block_start[i] for i in group])
 
 
 class ModelRunner:
@@ -103,51 +107,49 @@ class ModelRunner:
         """Logits ``[B, block_length, V]`` from a pass over whole sequences (refreshing the cache if there is one)."""
         ids, lengths = batch.ids, batch.lengths  # [B, S], [B]
         attention_mask = (torch.arange(ids.shape[1], device=self.device) < lengths[:, None]).long()  # [B, S]
-        kv_cache = None if self.cache is None else self.cache.refresh(batch.slots, lengths)
-        index = self._block_columns(batch.block_start)  # [B, L]
+        kv_cache = None if self.cache is None else self.cache.refresh(batch.slots, lengths, ids.shape[1])
+        index = self._block_columns(batch.block_start).clamp(max=ids.shape[1] - 1)  # [B, L]: a cut canvas ends early
         if self.cfg.cfg_scale == 0:
-            return self.model(ids, attention_mask, kv_cache=kv_cache, logits_index=index), lengths.tolist()
+            return self.model(ids, attention_mask, kv_cache=kv_cache, logits_index=index), batch.host_lengths
         # Classifier-free guidance: push the logits away from a pass that cannot see the prompt.
         is_prompt = torch.arange(ids.shape[1], device=self.device) < batch.prompt_length[:, None]
         both = self.model(torch.cat([ids, ids.masked_fill(is_prompt, self.mask_id)]), attention_mask.repeat(2, 1),
                           logits_index=index.repeat(2, 1))
         cond, uncond = both.chunk(2)
-        return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond), lengths.tolist()
+        return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond), batch.host_lengths
 
     def _cached_pass(self, batch: StepBatch) -> tuple[torch.Tensor, list[int]]:
         """Logits ``[B, block_length, V]`` from a pass over each row's query slice against the cache."""
         lengths, block_start = batch.lengths, batch.block_start  # [B], [B]
-        width = self.cfg.block_length if self.cfg.cache == "dual" else int((lengths - block_start).max())
+        tails = [length - start for length, start in zip(batch.host_lengths, batch.host_block_start, strict=True)]
+        width = self.cfg.block_length if self.cfg.cache == "dual" else max(tails)
         positions = block_start[:, None] + torch.arange(width, device=self.device)  # [B, Q]
         ids = batch.ids.gather(1, positions.clamp(max=batch.ids.shape[1] - 1))  # [B, Q]
-        kv_cache = self.cache.reuse(batch.slots, positions, lengths)
+        kv_cache = self.cache.reuse(batch.slots, positions, lengths, batch.ids.shape[1])
         index = self._block_columns(torch.zeros_like(block_start)).clamp(max=width - 1)
-        computed = (positions < lengths[:, None]).sum(-1)  # [B]
-        return self.model(ids, kv_cache=kv_cache, logits_index=index), computed.tolist()
+        return self.model(ids, kv_cache=kv_cache, logits_index=index), [min(width, tail) for tail in tails]
 
     def _decide(self, rows: list[ScheduledRequest], batch: StepBatch, logits: torch.Tensor,
                 computed: list[int]) -> RunnerOutput:
         """Token choice and confidence on each block position, then the policy's commit mask."""
         self.passes += 1
-        block_tokens = batch.ids.gather(1, self._block_columns(batch.block_start))  # [B, L]
+        columns = self._block_columns(batch.block_start)  # [B, L]
+        live = columns < batch.lengths[:, None]  # [B, L]: false past a truncated canvas's end
+        block_tokens = batch.ids.gather(1, columns.clamp(max=batch.ids.shape[1] - 1))  # [B, L]
         prediction = choose_tokens(logits, self.mask_id, self.cfg.temperature, self.generator)  # [B, L]
-        probs = logits.double().softmax(-1)  # [B, L, V]
+        probs = logits.double().softmax(-1)  # [B, L, V]: ranked in float64, as Fast-dLLM ranks
         confidence = probs.gather(-1, prediction[..., None]).squeeze(-1)  # [B, L]
-        finite = torch.isfinite(confidence).all(-1)  # [B]: NaN or infinite logits make every probability NaN
-        if not bool(finite.all()):
-            bad = [r.request_id for r, ok in zip(rows, finite.tolist(), strict=True) if not ok]
-            raise DecodeError(f"forward pass {self.passes}: the model returned NaN or infinite logits for request(s) "
-                              f"{bad} (corrupt weights, or an fp16 overflow: try dtype bfloat16 or float32)")
-        top2 = probs.topk(2, dim=-1).values  # [B, L, 2]
-        entropy = torch.special.entr(probs).sum(-1)  # [B, L]: one [B, L, V] temporary, 0 * log 0 read as 0
         reference = None
         if rows[0].reference is not None:
             reference = torch.stack([r.reference for r in rows])
-        state = StepState(confidence=confidence, margin=top2[..., 0] - top2[..., 1], entropy=entropy,
-                          prediction=prediction, masked=block_tokens == self.mask_id,
+        # Positions cut off the canvas read as settled and certain (margin and entropy, where read, are read only
+        # at masked positions).
+        state = StepState(confidence=confidence.masked_fill(~live, 1.0), prediction=prediction,
+                          masked=live & (block_tokens == self.mask_id), probs=probs,
                           block_step=torch.tensor([r.block_step for r in rows], device=self.device),
                           noise=torch.rand(confidence.shape, dtype=torch.float64, device=self.device,
                                            generator=self.generator),
                           reference=reference)
         commit_mask = self.policy(state)
-        return RunnerOutput([r.request_id for r in rows], commit_mask, computed, state)
+        finite = torch.isfinite(confidence).all(-1)  # [B]: NaN or infinite logits make every probability NaN
+        return RunnerOutput([r.request_id for r in rows], commit_mask, computed, state, finite)

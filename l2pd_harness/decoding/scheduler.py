@@ -41,7 +41,8 @@ class ScheduledRequest:
     request_id: int
     slot: int
     token_ids: torch.Tensor
-    """``[prompt + canvas]``: the sequence as it stands."""
+    """``[prompt + canvas]``: the sequence as it stands (with ``eotp_mode`` truncate, the canvas up to its live
+    end)."""
     prompt_length: int
     block_start: int
     """Column of the current block's first position in ``token_ids``."""
@@ -66,6 +67,8 @@ class RunnerOutput:
     positions_computed: list[int]
     state: StepState
     """What the policy saw: ``state.prediction`` is what a commit writes; trace collection reads the rest."""
+    finite: torch.Tensor
+    """``[B]`` bool: the row's logits were finite (checked with the commits, in the step's one transfer)."""
 
 
 @dataclass
@@ -142,38 +145,62 @@ class Scheduler:
     def _scheduled(self, r: Request) -> ScheduledRequest:
         start = r.block * self.cfg.block_length
         reference = None if r.reference is None else r.reference[start:start + self.cfg.block_length]
-        return ScheduledRequest(r.request_id, r.slot, torch.cat([r.prompt, r.canvas]),
+        canvas = r.canvas[: r.live_length] if self.cfg.eotp_mode == "truncate" else r.canvas
+        return ScheduledRequest(r.request_id, r.slot, torch.cat([r.prompt, canvas]),
                                 len(r.prompt), len(r.prompt) + start, r.block_step, reference)
 
     def update_from_output(self, output: RunnerOutput) -> list[Request]:
-        """Commit one step's results; returns the requests that finished with it."""
+        """Commit one step's results; returns the requests that finished with it. Every row is worked out on the
+        device at once and read back in one transfer (a host synchronisation per row would stall the device)."""
+        rows = [self.running[request_id] for request_id in output.request_ids]
+        blocks, facts = self._committed_blocks(rows, output)
         finished = []
-        for row, request_id in enumerate(output.request_ids):
-            request = self.running[request_id]
-            self._commit(request, output.commit_mask[row], output.state.prediction[row])
-            request.positions_per_step.append(output.positions_computed[row])
-            if self._advance(request):
-                finished.append(self.running.pop(request_id))
-                self.free_slots.append(request.slot)
+        for row, (r, (committed, end, filled, left, finite)) in enumerate(zip(rows, facts.tolist(), strict=True)):
+            if not finite:
+                raise DecodeError(f"request {r.request_id}: forward pass {len(r.tokens_per_step) + 1} returned NaN "
+                                  "or infinite logits (corrupt weights, or an fp16 overflow: try dtype bfloat16 or "
+                                  "float32)")
+            start = r.block * self.cfg.block_length
+            r.canvas[start:start + self.cfg.block_length] = blocks[row]
+            r.tokens_per_step.append(committed)
+            r.positions_per_step.append(output.positions_computed[row])
+            self.committed += committed
+            if end < self.cfg.block_length and start + end + 1 < r.live_length:
+                # Every position of the later blocks up to the old end is still masked: EoTP fills them too.
+                self.committed += filled + max(0, r.live_length - start - self.cfg.block_length)
+                r.live_length = start + end + 1
+                r.canvas[r.live_length:] = self.eos_id
+            if self._advance(r, block_done=left == 0):
+                finished.append(self.running.pop(r.request_id))
+                self.free_slots.append(r.slot)
         return finished
 
-    def _commit(self, r: Request, commit_mask: torch.Tensor, prediction: torch.Tensor) -> None:
-        start = r.block * self.cfg.block_length
-        block = r.canvas[start:start + self.cfg.block_length]  # a view: writes land in the canvas
-        block[commit_mask] = prediction[commit_mask]
-        r.tokens_per_step.append(int(commit_mask.sum()))
-        self.committed += r.tokens_per_step[-1]
+    def _committed_blocks(self, rows: list[Request], output: RunnerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' blocks ``[B, L]`` after this pass's commits and End-of-Text Prediction, and per row ``[B, 5]``:
+        positions committed, the end-of-text cut (offset in the block, ``L`` for none), positions EoTP filled in
+        the block, positions left masked in the block, whether the logits were finite."""
+        length = self.cfg.block_length
+        commit, state = output.commit_mask, output.state  # [B, L]
+        blocks = torch.stack([r.canvas[r.block * length:(r.block + 1) * length] for r in rows])  # [B, L]
+        blocks = torch.where(commit, state.prediction, blocks)
+        end = torch.full_like(state.block_step, length)  # [B]
+        filled = torch.zeros_like(end)
         if self.cfg.eotp:
-            ends = (commit_mask & torch.isin(prediction, self.eot_ids)).nonzero()
-            # Commit everything after the first end-of-text as end-of-text: no pass is spent on it, yet the model
-            # still sees the end-of-text padding it was trained with (what dropping it instead costs is measured in
-            # benchmarks/README.md).
-            if len(ends):
-                r.live_length = min(r.live_length, start + int(ends[0]) + 1)
-                self.committed += int((r.canvas[r.live_length:] == self.mask_id).sum())
-                r.canvas[r.live_length:] = self.eos_id
+            ends = commit & torch.isin(state.prediction, self.eot_ids)  # [B, L]
+            columns = torch.arange(length, device=commit.device)
+            # fill keeps the end-of-text tail in the model's input (it was trained with such padding); truncate, the
+            # paper's, cuts it after its most confident end-of-text, so later passes are shorter.
+            first = columns.masked_fill(~ends, length).amin(-1)  # [B]
+            most_confident = state.confidence.masked_fill(~ends, -1).argmax(-1)  # [B]
+            end = torch.where(ends.any(-1), first if self.cfg.eotp_mode == "fill" else most_confident, end)
+            after = columns > end[:, None]  # [B, L]
+            filled = (after & (blocks == self.mask_id)).sum(-1)
+            blocks = blocks.masked_fill(after, self.eos_id)
+        facts = torch.stack([commit.sum(-1), end, filled, (blocks == self.mask_id).sum(-1),
+                             output.finite.long()], dim=-1)  # [B, 5]
+        return blocks, facts
 
-    def _advance(self, r: Request) -> bool:
+    def _advance(self, r: Request, block_done: bool) -> bool:
         """Count the pass against the block, move to the next block once this one is committed; true when the
         whole live canvas is committed."""
         r.block_step += 1
@@ -181,8 +208,7 @@ class Scheduler:
             raise DecodeError(f"request {r.request_id} is not finished after {len(r.tokens_per_step)} forward passes, "
                               f"more than its canvas of {self.cfg.gen_length} positions can need: its policy "
                               "committed nothing in some passes")
-        block_end = min((r.block + 1) * self.cfg.block_length, r.live_length)
-        if (r.canvas[r.block * self.cfg.block_length:block_end] == self.mask_id).any():
+        if not block_done:
             return False
         r.block, r.block_step = r.block + 1, 0
         return r.block * self.cfg.block_length >= r.live_length

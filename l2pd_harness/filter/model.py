@@ -3,7 +3,8 @@
 Two architectures share one feature function (used alike on traces and in the decode loop, so training and
 serving see the same numbers):
 
-- ``block_mlp``: the paper's filter: the block's ``block_length`` confidences -> ReLU MLP -> one logit per position.
+- ``block_mlp``: the paper's filter: the block's ``block_length`` confidences -> ReLU MLP -> one logit per position
+  (``raw_confidence``: the released filter's input, committed positions' own top-1 probabilities included).
 - ``position_mlp``: a shared MLP over each position's own features (confidence, top-1/top-2 margin, entropy,
   relative position, share of the block already committed, whether its left neighbour is settled, its confidence
   rank among the block's masked positions) -> one logit.
@@ -29,7 +30,13 @@ from l2pd_harness.files import read_json, read_tensors, save_tensors_atomic, wri
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint, resolve_checkpoint
 from l2pd_harness.settings import SettingsError, coerce
 
-FEATURES = ("confidence", "margin", "entropy", "position", "committed_share", "left_settled", "confidence_rank")
+POSITION_FEATURES = ("confidence", "margin", "entropy", "position", "committed_share", "left_settled",
+                     "confidence_rank")
+"""What ``position_mlp`` reads unless told otherwise."""
+FEATURES = (*POSITION_FEATURES, "raw_confidence")
+BLOCK_MLP_FEATURES = (("confidence",), ("raw_confidence",))
+"""What ``block_mlp`` may read: the block's confidences, settled positions as 1 (ours) or as the model gives them
+(the released filter's)."""
 ARCHITECTURES = ("block_mlp", "position_mlp")
 FORMAT = "l2pd-filter/1"
 DEFAULT_FILTER = DEFAULT_MODEL_DIR / "learn2pd-filter.safetensors"
@@ -47,7 +54,7 @@ class FilterConfig:
     architecture: str = "block_mlp"
     """``block_mlp`` (the paper's: block confidences in, one logit per position out) or ``position_mlp``."""
     features: tuple[str, ...] = ("confidence",)
-    """Per-position inputs, from :data:`FEATURES`; ``block_mlp`` reads confidence only."""
+    """Per-position inputs, from :data:`FEATURES`; ``block_mlp`` reads confidence or raw_confidence only."""
     block_length: int = 32
     """Positions per block; the filter only serves decodes with this block length."""
     hidden_size: int = 32
@@ -67,18 +74,18 @@ class FilterConfig:
         unknown = [name for name in self.features if name not in FEATURES]
         if unknown or not self.features:
             raise FilterError(f"features={list(self.features)} must be a non-empty subset of {list(FEATURES)}")
-        if self.architecture == "block_mlp" and self.features != ("confidence",):
-            raise FilterError(f"architecture 'block_mlp' reads the block's confidences only, got features="
-                              f"{list(self.features)}")
+        if self.architecture == "block_mlp" and self.features not in BLOCK_MLP_FEATURES:
+            raise FilterError(f"architecture 'block_mlp' reads one of {[list(f) for f in BLOCK_MLP_FEATURES]}, got "
+                              f"features={list(self.features)}")
         for name in ("block_length", "hidden_size"):
             if getattr(self, name) <= 0:
                 raise FilterError(f"{name}={getattr(self, name)} must be a positive integer")
 
 
-def block_features(names: tuple[str, ...], confidence: torch.Tensor, margin: torch.Tensor, entropy: torch.Tensor,
-                   masked: torch.Tensor) -> torch.Tensor:
+def block_features(names: tuple[str, ...], confidence: torch.Tensor, margin: torch.Tensor | None,
+                   entropy: torch.Tensor | None, masked: torch.Tensor) -> torch.Tensor:
     """``[B, L, F]`` float32 filter inputs from the block's ``[B, L]`` statistics (settled positions read as
-    certain)."""
+    certain, except in ``raw_confidence``)."""
     settled = ~masked  # [B, L]
     length = masked.shape[-1]
     columns = {
@@ -90,6 +97,7 @@ def block_features(names: tuple[str, ...], confidence: torch.Tensor, margin: tor
         # The block's first position follows the previous block, which is always fully committed.
         "left_settled": lambda: torch.cat([torch.ones_like(settled[:, :1]), settled[:, :-1]], dim=-1),
         "confidence_rank": lambda: confidence_rank(confidence, masked) / length,
+        "raw_confidence": lambda: confidence,
     }
     return torch.stack([columns[name]().float() for name in names], dim=-1)
 
@@ -156,8 +164,9 @@ class LearnedFilter:
         self.net, self.card = net.eval(), card
 
     def __call__(self, state: StepState) -> torch.Tensor:
-        features = block_features(self.card.config.features, state.confidence, state.margin, state.entropy,
-                                  state.masked)  # [B, L, F]
+        names = self.card.config.features
+        margin, entropy = state.spread() if {"margin", "entropy"} & set(names) else (None, None)
+        features = block_features(names, state.confidence, margin, entropy, state.masked)  # [B, L, F]
         with torch.no_grad():
             return torch.sigmoid(self.net.to(features.device)(features))  # the net follows the model's device
 

@@ -66,10 +66,11 @@ class StepRecorder:
 
     def __call__(self, scheduled: SchedulerOutput, output: RunnerOutput) -> None:
         state, rows = output.state, scheduled.requests
+        margin, entropy = state.spread()
         block_offset = [r.block_start - r.prompt_length for r in rows]
         self.chunks.append({
-            "confidence": state.confidence.float().cpu(), "margin": state.margin.float().cpu(),
-            "entropy": state.entropy.float().cpu(), "masked": state.masked.cpu(),
+            "confidence": state.confidence.float().cpu(), "margin": margin.float().cpu(),
+            "entropy": entropy.float().cpu(), "masked": state.masked.cpu(),
             "prediction": state.prediction.cpu(), "problem": torch.tensor(output.request_ids),
             "offset": torch.tensor(block_offset), "block_step": state.block_step.cpu()})
 

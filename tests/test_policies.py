@@ -48,10 +48,12 @@ def hand_state(confidence: list[float], masked: list[bool], **extra) -> StepStat
 POLICIES = [FixedQuota(4), FixedQuota(4, "random"), Threshold(0.9), Threshold(0.5), Factor(1.0), Factor(0.3),
             Oracle(), Learned(lambda state: state.confidence.sqrt(), 0.5),
             Learned(lambda state: state.confidence.sqrt(), 0.9, FixedSchedule(16, 16))]
+POLICY_IDS = ["fixed-4", "fixed-4-random", "threshold-0.9", "threshold-0.5", "factor-1", "factor-0.3", "oracle",
+              "learned-0.5", "learned-paper-0.9"]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("policy", POLICIES, ids=repr)
+@pytest.mark.parametrize("policy", POLICIES, ids=POLICY_IDS)
 def test_commits_only_masked_and_always_progresses(policy, batch: int) -> None:
     state = synthetic_state(batch)
     commit = policy(state)

@@ -21,6 +21,7 @@ from l2pd_harness.decoding.scheduler import (
     RunnerOutput,
     Scheduler,
     SchedulerOutput,
+    batch_slots,
     check_lengths,
 )
 from l2pd_harness.models.llada import LLaDAModel
@@ -65,7 +66,7 @@ class Engine:
         weight = next(self.model.parameters())
         if weight.device.type != "cuda" or not isinstance(self.model, LLaDAModel):
             return
-        slots, longest = max(1, min(self.cfg.batch_size, len(prompts))), max(map(len, prompts), default=0)
+        slots, longest = batch_slots(self.cfg.batch_size, len(prompts)), max(map(len, prompts), default=0)
         free, total = torch.cuda.mem_get_info(weight.device)
         plan = plan_memory(self.model.config, self.cfg, slots, longest, weight.dtype)
         check_memory(plan, free, total, slots, longest + self.cfg.gen_length)

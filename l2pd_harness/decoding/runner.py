@@ -79,7 +79,6 @@ class ModelRunner:
         self.mask_id, self.pad_id = model.config.mask_token_id, model.config.eos_token_id
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.passes = 0
         self.cache = None
         if cfg.cache != "none":
             self.cache = KVCache(model.config, cfg.batch_size, next(model.parameters()).dtype, self.device)
@@ -132,7 +131,6 @@ class ModelRunner:
     def _decide(self, rows: list[ScheduledRequest], batch: StepBatch, logits: torch.Tensor,
                 computed: list[int]) -> RunnerOutput:
         """Token choice and confidence on each block position, then the policy's commit mask."""
-        self.passes += 1
         columns = self._block_columns(batch.block_start)  # [B, L]
         live = columns < batch.lengths[:, None]  # [B, L]: false past a truncated canvas's end
         block_tokens = batch.ids.gather(1, columns.clamp(max=batch.ids.shape[1] - 1))  # [B, L]

@@ -34,6 +34,12 @@ def check_lengths(prompt_lengths: list[int], gen_length: int, max_length: int | 
                               f"model's max_sequence_length {max_length}")
 
 
+def batch_slots(batch_size: int, requests: int) -> int:
+    """Batch slots (and KV cache rows) a decode uses: never more than there are requests, so a huge
+    ``batch_size`` costs nothing."""
+    return max(1, min(batch_size, requests))
+
+
 @dataclass(frozen=True)
 class ScheduledRequest:
     """What the runner needs of one request for one forward pass."""
@@ -121,8 +127,7 @@ class Scheduler:
                     live_length=cfg.gen_length)
             for i, prompt in enumerate(prompts))
         self.running: dict[int, Request] = {}
-        self.num_slots = max(1, min(cfg.batch_size, len(prompts)))
-        """Batch slots: never more than there are prompts, so a huge ``batch_size`` costs nothing."""
+        self.num_slots = batch_slots(cfg.batch_size, len(prompts))
         self.free_slots = list(range(self.num_slots))[::-1]
         self.committed = 0
         """Canvas positions committed so far over all requests (decoded, or filled by EoTP): progress."""

@@ -151,7 +151,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
         "data", help="write problems of a synthetic task as JSONL",
         description="Write N distinct problems of a task split as JSONL (GSM8K's question/answer fields, plus "
                     "prompt and task). Train and test splits are disjoint by construction.")
-    p.add_argument("name", type=task_name, help="task: arith or listops")
+    p.add_argument("name", type=task_name, help="task: arith, listops or pairsum")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split (test)")
     p.add_argument("--n", type=positive_int, default=500, help="number of problems (500)")
     p.add_argument("--seed", type=int, default=123, help="sampling seed (123)")
@@ -249,7 +249,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", help="decode held-out problems of a task and report accuracy and forward passes",
         description="Sample held-out problems (as `l2pd data`), decode them (as `l2pd generate`) and grade them "
                     "(as `l2pd grade`) in one go. Prints a JSON summary.")
-    p.add_argument("--task", type=task_name, required=True, help="arith or listops")
+    p.add_argument("--task", type=task_name, required=True, help="a task of the suite (arith, listops, pairsum)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split (test)")
     p.add_argument("--n", type=positive_int, default=500, help="number of problems (500)")
     p.add_argument("--data-seed", type=int, default=123, help="problem sampling seed (123)")
@@ -524,8 +524,9 @@ def run_import_filter(args: argparse.Namespace) -> None:
 def add_tasks_dir_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tasks-dir", help="print the folder of the lm-eval task YAMLs shipped with the package",
-        description="Print the installed folder of the package's lm-eval tasks (arith, listops, gsm8k_local), for "
-                    "lm-eval's --include_path: lm_eval --model l2pd --tasks arith --include_path \"$(l2pd tasks-dir)\"")
+        description="Print the installed folder of the package's lm-eval tasks (arith, listops, pairsum, "
+                    "gsm8k_local), for lm-eval's --include_path: "
+                    "lm_eval --model l2pd --tasks arith --include_path \"$(l2pd tasks-dir)\"")
     p.set_defaults(func=lambda _: print(TASKS_DIR))
 
 

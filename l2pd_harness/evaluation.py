@@ -64,7 +64,7 @@ def iter_decoded(model, tokenizer, rows: list[dict], cfg: DecodeConfig, chat_tem
 
 def grade_rows(rows: list[dict]) -> list[bool]:
     """Correctness of each decoded row against its reference ``answer``, by its task's grader."""
-    return [get_task(row["task"]).grade(row["text"], row["answer"]) for row in rows]
+    return [get_task(row["task"]).grade(row["text"], row) for row in rows]
 
 
 def summarise_rows(rows: list[dict]) -> Summary:

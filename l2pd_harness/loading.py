@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,19 @@ import torch
 from torch import nn
 
 from l2pd_harness.files import FileFormatError, open_tensors, read_json, save_tensors_atomic, write_atomic
+from l2pd_harness.models.common import BidirectionalLM, ConfigError, align_predictions
+from l2pd_harness.models.dream import DreamConfig, DreamModel
 from l2pd_harness.models.llada import LLaDAConfig, LLaDAModel
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-llada"
 """The embedded tiny dLLM shipped with the package; the default of every command."""
 
+FAMILIES: dict[str, tuple[type, type[BidirectionalLM]]] = {
+    "llada": (LLaDAConfig, LLaDAModel),
+    "Dream": (DreamConfig, DreamModel),
+}
+"""Native model families by config.json ``model_type`` (config class, model class); a config without the key is
+LLaDA's, whose own configuration class may leave it out."""
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 BACKENDS = ("native", "hf")
@@ -151,11 +160,23 @@ def _iter_tensors(files: list[Path], device: torch.device, dtype: torch.dtype) -
                 yield name, handle.get_tensor(name).to(dtype)
 
 
-def load_llada(ckpt: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LLaDAModel:
-    """Native LLaDA from ``ckpt``; built on the meta device, so only one copy of the weights is ever made."""
-    config = LLaDAConfig.from_json(ckpt / "config.json")
+def native_config(ckpt: Path):
+    """The config of the checkpoint in ``ckpt``, as the class its ``model_type`` names in :data:`FAMILIES`."""
+    path = ckpt / "config.json"
+    family = read_json(path, "model config").get("model_type", "llada")
+    if family not in FAMILIES:
+        raise ConfigError(f"model config {str(path)!r}: model_type={family!r} is not one of {sorted(FAMILIES)}")
+    return FAMILIES[family][0].from_json(path)
+
+
+def load_native(ckpt: Path, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> BidirectionalLM:
+    """This package's model of ``ckpt``'s family; built on the meta device, so only one copy of the weights is ever
+    made."""
+    config = native_config(ckpt)
+    model_class = next(model for cfg, model in FAMILIES.values() if isinstance(config, cfg))
     with torch.device("meta"):
-        model = LLaDAModel(config)
+        model = model_class(config)
     expected = set(model.state_dict())
     state = dict(_iter_tensors(_tensor_files(ckpt), torch.device(device), dtype))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -188,17 +209,22 @@ class RemoteCodeIds:
 
 
 class RemoteCodeLM(nn.Module):
-    """A checkpoint's own ``trust_remote_code`` model, called like :class:`LLaDAModel` (ids -> logits)."""
+    """A checkpoint's own ``trust_remote_code`` model, called like :class:`BidirectionalLM` (ids -> logits at the
+    position they predict)."""
 
-    def __init__(self, model: nn.Module, config: RemoteCodeIds):
+    def __init__(self, model: nn.Module, config: RemoteCodeIds, logit_shift: int):
         super().__init__()
         self.inner, self.config = model, config
+        self.logit_shift = logit_shift
+        """As :attr:`BidirectionalLM.logit_shift` for the checkpoint's family (Dream's own code returns unshifted
+        logits)."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache=None,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         if kv_cache is not None:
             raise ValueError("backend='hf' has no KV cache support; use cache='none' or backend='native'")
         logits = self.inner(input_ids, attention_mask=attention_mask).logits[..., : self.config.vocab_size]
+        logits = align_predictions(logits, self.logit_shift)
         if logits_index is None:
             return logits
         return logits.gather(1, logits_index[..., None].expand(-1, -1, logits.shape[-1]))
@@ -219,7 +245,8 @@ def _load_remote_code(ckpt: Path, dtype: torch.dtype, device: str | torch.device
         raise ModelLoadError(f"{str(ckpt)!r}: neither config.json nor the tokenizer names a mask token")
     ids = RemoteCodeIds(mask_id, raw.get("eos_token_id", tokenizer.eos_token_id), raw["vocab_size"])
     model = transformers.AutoModel.from_pretrained(str(ckpt), trust_remote_code=True, dtype=dtype)
-    return RemoteCodeLM(model.to(device).eval(), ids)
+    shift = FAMILIES[raw["model_type"]][1].logit_shift if raw.get("model_type") in FAMILIES else 0
+    return RemoteCodeLM(model.to(device).eval(), ids, shift)
 
 
 def load_tokenizer(ckpt: Path, trust_remote_code: bool = False):
@@ -235,7 +262,9 @@ def load_tokenizer(ckpt: Path, trust_remote_code: bool = False):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=trust_remote_code)
+        with warnings.catch_warnings():  # nor its FutureWarning about config keys (Dream's rope_scaling)
+            warnings.simplefilter("ignore", FutureWarning)
+            return AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as err:  # damaged tokenizer files, or a tokenizer that exists only as remote code
         first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
         raise ModelLoadError(f"tokenizer of {str(ckpt)!r} cannot be loaded: {first_line}") from None
@@ -248,14 +277,15 @@ def load_model(pretrained: str | os.PathLike | None = None, dtype: str = "float3
     """Load ``(model, tokenizer)``; the model maps ``input_ids [B, T]`` to logits ``[B, T, vocab]``.
 
     ``pretrained``: a local checkpoint directory, a hub id already in the local HF cache, or ``None`` for the
-    shipped tiny model. ``backend``: ``native`` (this package's LLaDA) or ``hf`` (the checkpoint's remote code).
+    shipped tiny model. ``backend``: ``native`` (this package's model of the checkpoint's family, see
+    :data:`FAMILIES`) or ``hf`` (the checkpoint's remote code).
     """
     if backend not in BACKENDS:
         raise ModelLoadError(f"backend {backend!r} is not one of {list(BACKENDS)}")
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     ckpt = resolve_checkpoint(pretrained)
     if backend == "native":  # config.json is checked first, so a wrong one is named as such, not as a tokenizer error
-        model = load_llada(ckpt, torch_dtype, torch_device)
+        model = load_native(ckpt, torch_dtype, torch_device)
         return model, load_tokenizer(ckpt)
     # Only here is a checkpoint's own code run: the user asked for it by choosing backend='hf'.
     tokenizer = load_tokenizer(ckpt, trust_remote_code=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-END_OF_TURN = "<|eot_id|>"
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>")
+"""Chat end-of-turn markers: LLaDA's (Llama 3 style) and Dream's (Qwen2 ChatML)."""
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool = True) -> str:
@@ -73,10 +74,8 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, eos_token_id: int) -> set
     stops = {eos_token_id}
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)
-    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if eot is not None and eot != tokenizer.unk_token_id:
-        stops.add(eot)
-    return stops
+    vocab = tokenizer.get_vocab()
+    return stops | {vocab[marker] for marker in END_OF_TURN if marker in vocab}
 
 
 def response_length(canvas: list[int], stops: set[int]) -> int:

@@ -31,18 +31,24 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
 
 
-def build_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
-    """Tokenizer whose vocabulary is every piece of ``corpus`` (plus chat roles and all digits)."""
+def corpus_pieces(corpus: Iterable[str]) -> list[str]:
+    """Every piece of ``corpus`` (plus chat roles and all digits), sorted."""
     pre = _pre_tokenizer()
     pieces: set[str] = set()
     extra = [f" {d}" for d in range(10)] + [str(d) for d in range(10)] + ["\n\n", *ROLES]
     for text in [*corpus, *extra]:
         pieces.update(piece for piece, _ in pre.pre_tokenize_str(text))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for piece in sorted(pieces):
+    return sorted(pieces)
+
+
+def build_tokenizer(corpus: Iterable[str], base: PreTrainedTokenizerFast | None = None) -> PreTrainedTokenizerFast:
+    """Tokenizer whose vocabulary is every piece of ``corpus``; with ``base``, ``base``'s vocabulary with the new
+    pieces appended after it, so every id ``base`` had keeps its meaning (a checkpoint's rows stay valid)."""
+    vocab = dict(base.get_vocab()) if base is not None else {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for piece in corpus_pieces(corpus):
         vocab.setdefault(piece, len(vocab))
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre
+    core.pre_tokenizer = _pre_tokenizer()
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=EOS,
                                   unk_token=UNK, mask_token=MASK,

@@ -227,15 +227,23 @@ def test_unreadable_config_is_named(random_checkpoint: Path, tmp_path: Path, con
         load_model(ckpt)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "Dream", "LLaDA"])
+@pytest.mark.parametrize("model_type", ["llama", "LLaDA", "dream"])
 def test_other_model_type_is_refused_even_with_lladas_keys(random_checkpoint: Path, tmp_path: Path,
                                                            model_type: str) -> None:
     ckpt = shutil.copytree(random_checkpoint, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
-    expected = f"model config {str(ckpt / 'config.json')!r}: model_type={model_type!r} is not supported; allowed: " \
-               "['llada']"
+    expected = f"model config {str(ckpt / 'config.json')!r}: model_type={model_type!r} is not one of " \
+               "['Dream', 'llada']"
     with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+        load_model(ckpt)
+
+
+def test_dream_type_with_lladas_keys_names_the_keys(random_checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = shutil.copytree(random_checkpoint, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "Dream"}))
+    with pytest.raises(ConfigError, match=r"^model config .*: unknown config.json keys \['activation_type', "):
         load_model(ckpt)
 
 

@@ -21,7 +21,7 @@ from l2pd_harness.decoding.scheduler import DecodeError
 from l2pd_harness.files import FileFormatError, JsonlWriter, save_tensors_atomic, write_atomic
 from l2pd_harness.filter.model import DEFAULT_FILTER, checkpoint_paths
 from l2pd_harness.filter.traces import load_traces
-from l2pd_harness.loading import load_llada, save_llada
+from l2pd_harness.loading import load_native, save_llada
 from l2pd_harness.settings import make_config
 from l2pd_harness.tasks import sample_problems
 from tests.test_cli import message_lines, one_line_error, run_main
@@ -125,7 +125,7 @@ def test_an_over_long_request_is_refused_before_any_decoding(capsys, random_chec
 
 
 def test_nan_logits_stop_with_the_step_and_request(capsys, random_checkpoint: Path, tmp_path: Path) -> None:
-    model = load_llada(random_checkpoint)
+    model = load_native(random_checkpoint)
     with torch.no_grad():
         model.state_dict()["model.transformer.ff_out.weight"][5, 0] = float("nan")
     broken = tmp_path / "nan-model"
@@ -307,7 +307,7 @@ def test_grade_and_generate_refuse_bad_rows(capsys, tmp_path: Path) -> None:
 @pytest.mark.parametrize("tasks, bad", [("foo", "'foo'"), ("arith,", "''")])
 def test_task_lists_are_checked_by_the_parser(capsys, command: str, tasks: str, bad: str) -> None:
     assert one_line_error(capsys, command, "--out", "unused", "--task", tasks).endswith(
-        f"argument --task: invalid task {bad} (choose from arith, listops)")
+        f"argument --task: invalid task {bad} (choose from arith, listops, pairsum)")
 
 
 @pytest.mark.parametrize("canvas", [["a", "b"], [10 ** 9], [-5], [1.0, 2.0], "12"])

@@ -16,7 +16,7 @@ from l2pd_harness.training import base
 from l2pd_harness.training.base import BaseTrainConfig, train_base
 
 
-@pytest.mark.parametrize("task", ["arith", "listops"])
+@pytest.mark.parametrize("task", ["arith", "listops", "pairsum"])
 def test_splits_are_disjoint_and_seeded(task: str) -> None:
     test = sample_problems(task, "test", 200, seed=123)
     train = sample_problems(task, "train", 2000, seed=0)
@@ -28,10 +28,35 @@ def test_splits_are_disjoint_and_seeded(task: str) -> None:
 
 def test_graders() -> None:
     arith, listops = get_task("arith"), get_task("listops")
-    assert arith.grade(" Then 3 + 4 = 7\n#### 7", "4 + 3 = 7\n#### 7")
-    assert not arith.grade("3 + 4 = 7\n#### 8", "3 + 4 = 7\n#### 7")
-    assert not arith.grade("3 + 4 = 7", "3 + 4 = 7\n#### 7")
-    assert listops.grade("[1, 2] ", "[1, 2]") and not listops.grade("[2, 1]", "[1, 2]")
+    assert arith.grade(" Then 3 + 4 = 7\n#### 7", {"answer": "4 + 3 = 7\n#### 7"})
+    assert not arith.grade("3 + 4 = 7\n#### 8", {"answer": "3 + 4 = 7\n#### 7"})
+    assert not arith.grade("3 + 4 = 7", {"answer": "3 + 4 = 7\n#### 7"})
+    assert listops.grade("[1, 2] ", {"answer": "[1, 2]"}) and not listops.grade("[2, 1]", {"answer": "[1, 2]"})
+
+
+def test_pairsum_grader_accepts_every_valid_pair_and_nothing_else() -> None:
+    pairsum = get_task("pairsum")
+    problem = {"question": "Which two of the numbers 3, 14, 8, 6, 11 and 20 add up to 17?", "answer": "3 + 14 = 17"}
+    for answer in ("3 + 14 = 17", "14 + 3 = 17", "6 + 11 = 17", " 11 + 6 = 17 "):
+        assert pairsum.grade(answer, problem), answer
+    for answer in ("3 + 11 = 17", "3 + 14 = 18", "8 + 9 = 17", "17", "3 + 14 = 17 #### 17", "", "14 + 3"):
+        assert not pairsum.grade(answer, problem), answer
+    assert not pairsum.grade("4 + 4 = 8", {"question": "Which two of the numbers 4, 1 and 7 add up to 8?"})
+
+
+def test_pairsum_problems_have_several_valid_answers() -> None:
+    pairsum = get_task("pairsum")
+    lengths = set()
+    for problem in sample_problems("pairsum", "train", 300, seed=2):
+        listed = [int(n) for n in problem["question"].split("numbers ")[1].split(" add")[0]
+                  .replace(" and", ",").split(", ")]
+        target = int(problem["question"].rstrip("?").split()[-1])
+        valid = [(a, b) for a in listed for b in listed if a != b and a + b == target]
+        assert len(valid) >= 4 and len(listed) == len(set(listed))  # two pairs or more, each in either order
+        assert all(pairsum.grade(f"{a} + {b} = {target}", problem) for a, b in valid)
+        assert pairsum.grade(problem["answer"], problem)
+        lengths.add(len(problem["answer"].split()[0]) + len(problem["answer"].split()[2]))
+    assert lengths == {2, 3, 4}  # one- and two-digit numbers: the answer's length depends on the pair
 
 
 def test_arith_solutions_are_consistent() -> None:
@@ -42,6 +67,20 @@ def test_arith_solutions_are_consistent() -> None:
             left, op, right, _, result = line.split()[-5:]
             assert int(result) == (int(left) + int(right) if op == "+" else int(left) - int(right))
         assert final == f"#### {lines[-1].split()[-1]}"
+
+
+def test_init_from_grows_the_vocabulary_for_a_new_task(tmp_path: Path) -> None:
+    """A task that brings new words: the ids the checkpoint had keep their meaning and weights, new rows are added."""
+    train_base(BaseTrainConfig(**{**TINY, "steps": 1}, tasks=("arith",)), tmp_path / "old")
+    grown = train_base(BaseTrainConfig(**{**TINY, "steps": 1}, tasks=("arith", "pairsum")), tmp_path / "new",
+                       init_from=tmp_path / "old")
+    assert grown["steps_done"] == 1
+    old_vocab = json.loads((tmp_path / "old" / "tokenizer.json").read_text())["model"]["vocab"]
+    new_vocab = json.loads((tmp_path / "new" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert {k: new_vocab[k] for k in old_vocab} == old_vocab and {" numbers", "Which"} <= new_vocab.keys()
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert config["vocab_size"] == config["embedding_size"] == len(new_vocab)
+    assert load_file(tmp_path / "new" / "model.safetensors")["model.transformer.wte.weight"].shape[0] == len(new_vocab)
 
 
 TINY = dict(steps=4, warmup=1, tokens_per_batch=2048, d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=48,
@@ -77,3 +116,15 @@ def test_resume_without_checkpoint_is_one_line(tmp_path: Path) -> None:
                              "--resume"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("holds no trainer_state.pt to resume from")
+
+
+def test_pairsum_lm_eval_task_reads_its_data_and_accepts_any_valid_pair() -> None:
+    from l2pd_harness.lm_eval_tasks import known_tasks
+    from l2pd_harness.lm_eval_tasks.utils import load_pairsum, valid_pair
+
+    assert "pairsum" in known_tasks()
+    docs = load_pairsum()["test"]
+    assert len(docs) == 500 and list(docs) == sample_problems("pairsum", "test", 500, seed=123)
+    doc = {"question": "Which two of the numbers 3, 14, 8, 6, 11 and 20 add up to 17?", "answer": "3 + 14 = 17"}
+    assert valid_pair(doc, ["11 + 6 = 17"]) == {"exact_match": 1.0}
+    assert valid_pair(doc, ["3 + 11 = 17"]) == {"exact_match": 0.0}

@@ -24,7 +24,7 @@ from l2pd_harness.decoding.scheduler import (
     batch_slots,
     check_lengths,
 )
-from l2pd_harness.models.llada import LLaDAModel
+from l2pd_harness.models.common import BidirectionalLM
 
 StepObserver = Callable[[SchedulerOutput, RunnerOutput], None]
 ProgressObserver = Callable[[int], None]
@@ -41,7 +41,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, cfg: DecodeConfig, eot_ids: set[int] | None = None,
                  policy: Policy | None = None):
-        if cfg.cache != "none" and not isinstance(model, LLaDAModel):
+        if cfg.cache != "none" and not isinstance(model, BidirectionalLM):
             raise ValueError(f"cache={cfg.cache!r} needs the native backend (this model has no KV cache support)")
         self.model, self.cfg = model, cfg
         self.eot_ids = {model.config.eos_token_id} if eot_ids is None else set(eot_ids)
@@ -64,7 +64,7 @@ class Engine:
     def _check_memory(self, prompts: list[list[int]]) -> None:
         """On a GPU, refuse before any work a batch whose cache and step cannot fit the free memory."""
         weight = next(self.model.parameters())
-        if weight.device.type != "cuda" or not isinstance(self.model, LLaDAModel):
+        if weight.device.type != "cuda" or not isinstance(self.model, BidirectionalLM):
             return
         slots, longest = batch_slots(self.cfg.batch_size, len(prompts)), max(map(len, prompts), default=0)
         free, total = torch.cuda.mem_get_info(weight.device)

@@ -118,14 +118,17 @@ class ModelRunner:
         return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond), batch.host_lengths
 
     def _cached_pass(self, batch: StepBatch) -> tuple[torch.Tensor, list[int]]:
-        """Logits ``[B, block_length, V]`` from a pass over each row's query slice against the cache."""
-        lengths, block_start = batch.lengths, batch.block_start  # [B], [B]
-        tails = [length - start for length, start in zip(batch.host_lengths, batch.host_block_start, strict=True)]
-        width = self.cfg.block_length if self.cfg.cache == "dual" else max(tails)
-        positions = block_start[:, None] + torch.arange(width, device=self.device)  # [B, Q]
+        """Logits ``[B, block_length, V]`` from a pass over each row's query slice against the cache. The slice
+        starts ``logit_shift`` positions before the block: a shifted model reads a position's prediction there."""
+        shift = self.model.logit_shift
+        lengths, start = batch.lengths, batch.block_start - shift  # [B], [B]
+        tails = [length - begin + shift for length, begin in zip(batch.host_lengths, batch.host_block_start,
+                                                                  strict=True)]
+        width = self.cfg.block_length + shift if self.cfg.cache == "dual" else max(tails)
+        positions = start[:, None] + torch.arange(width, device=self.device)  # [B, Q]
         ids = batch.ids.gather(1, positions.clamp(max=batch.ids.shape[1] - 1))  # [B, Q]
         kv_cache = self.cache.reuse(batch.slots, positions, lengths, batch.ids.shape[1])
-        index = self._block_columns(torch.zeros_like(block_start)).clamp(max=width - 1)
+        index = self._block_columns(torch.full_like(start, shift)).clamp(max=width - 1)  # [B, L] in the slice
         return self.model(ids, kv_cache=kv_cache, logits_index=index), [min(width, tail) for tail in tails]
 
     def _decide(self, rows: list[ScheduledRequest], batch: StepBatch, logits: torch.Tensor,

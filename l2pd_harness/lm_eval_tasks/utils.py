@@ -1,6 +1,6 @@
 """Datasets of the l2pd task YAMLs, read from local files only (no hub access at run time).
 
-``arith`` and ``listops`` read ``data/<task>_test.jsonl`` next to this file, written by
+``arith``, ``listops`` and ``pairsum`` read ``data/<task>_test.jsonl`` next to this file, written by
 ``l2pd data <task> --split test --n 500 --seed 123 --out l2pd_harness/lm_eval_tasks/data/<task>_test.jsonl``.
 ``gsm8k_local`` reads ``train.jsonl`` and ``test.jsonl`` (GSM8K's own files) from the directory in ``$GSM8K_DIR``.
 lm-eval loads this file by its path (``!function utils.NAME``), so it imports the package absolutely.
@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 
 from l2pd_harness.files import FileFormatError, read_jsonl
+from l2pd_harness.tasks import get_task
 
 HERE = Path(__file__).resolve().parent
 GSM8K_SPLITS = ("train", "test")
@@ -47,6 +48,15 @@ def load_arith(**_: object) -> datasets.DatasetDict:
 
 def load_listops(**_: object) -> datasets.DatasetDict:
     return read_splits("listops", {"test": HERE / "data" / "listops_test.jsonl"})
+
+
+def load_pairsum(**_: object) -> datasets.DatasetDict:
+    return read_splits("pairsum", {"test": HERE / "data" / "pairsum_test.jsonl"})
+
+
+def valid_pair(doc: dict, results: list[str]) -> dict[str, float]:
+    """Any valid pair of the question's list counts (the task's own grader), not only the reference string."""
+    return {"exact_match": float(get_task("pairsum").grade(results[0], doc))}
 
 
 def exact_match_listops(doc: dict, results: list[str]) -> dict[str, float]:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from l2pd_harness.tasks import arith, listops
+from l2pd_harness.tasks import arith, listops, pairsum
 
 SPLITS = ("train", "test")
 TEST_SHARE = 10  # one problem in TEST_SHARE (by a hash of its question) belongs to the test split
@@ -19,8 +19,8 @@ FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
 class Task:
     name: str
     make_problem: Callable[[random.Random], dict[str, str]]
-    grade: Callable[[str, str], bool]
-    """``grade(completion, reference_answer)`` -> correct?"""
+    grade: Callable[[str, dict[str, str]], bool]
+    """``grade(completion, problem)`` -> correct? (``problem`` holds ``question`` and a reference ``answer``)"""
 
 
 def final_number(text: str) -> str | None:
@@ -29,18 +29,23 @@ def final_number(text: str) -> str | None:
     return None if match is None else match.group(1).replace(",", "").rstrip(".")
 
 
-def grade_final_number(completion: str, reference: str) -> bool:
+def grade_final_number(completion: str, problem: dict[str, str]) -> bool:
     predicted = final_number(completion)
-    return predicted is not None and predicted == final_number(reference)
+    return predicted is not None and predicted == final_number(problem["answer"])
 
 
-def grade_exact(completion: str, reference: str) -> bool:
-    return completion.strip() == reference.strip()
+def grade_exact(completion: str, problem: dict[str, str]) -> bool:
+    return completion.strip() == problem["answer"].strip()
+
+
+def grade_pair(completion: str, problem: dict[str, str]) -> bool:
+    return pairsum.valid_pair(completion, problem["question"])
 
 
 TASKS = {
     "arith": Task("arith", arith.make_problem, grade_final_number),
     "listops": Task("listops", listops.make_problem, grade_exact),
+    "pairsum": Task("pairsum", pairsum.make_problem, grade_pair),
 }
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from l2pd_harness.files import FileFormatError, read_json
-from l2pd_harness.loading import load_llada, load_tokenizer, parse_device, resolve_checkpoint, save_llada
+from l2pd_harness.loading import load_native, load_tokenizer, parse_device, resolve_checkpoint, save_llada
 from l2pd_harness.models.llada import LLaDAConfig, LLaDAModel
 from l2pd_harness.settings import SettingsError
 from l2pd_harness.tasks import get_task, iter_problems, vocabulary_corpus
@@ -183,6 +183,23 @@ def build_model(cfg: BaseTrainConfig, tokenizer) -> LLaDAModel:
     return model
 
 
+def grow_vocabulary(model: LLaDAModel, vocab_size: int, seed: int) -> LLaDAModel:
+    """``model`` with room for ``vocab_size`` tokens: the rows it had keep their weights, new embedding and output
+    rows start as :func:`build_model` initialises them (a task that brings new words to a trained checkpoint)."""
+    if vocab_size <= model.config.embedding_size:
+        model.config.vocab_size = max(vocab_size, model.config.vocab_size)
+        return model
+    grown = LLaDAModel(replace(model.config, vocab_size=vocab_size, embedding_size=vocab_size))
+    generator = torch.Generator().manual_seed(seed)
+    state = model.state_dict()
+    for name in [n for n in state if n.endswith(("transformer.wte.weight", "transformer.ff_out.weight"))]:
+        old = state[name]  # [embedding_size, d_model]
+        new = torch.randn(vocab_size - old.shape[0], old.shape[1], generator=generator, dtype=old.dtype) * 0.02
+        state[name] = torch.cat([old, new.to(old.device)])
+    grown.load_state_dict(state)
+    return grown.to(next(model.parameters()).device)
+
+
 def save_checkpoint(out: Path, model: LLaDAModel, tokenizer, optimizer, step: int, log: dict) -> None:
     """Model files (a loadable checkpoint at every save) and the optimiser state, each replaced atomically."""
     staging = out / ".staging"
@@ -241,13 +258,13 @@ def _starting_point(cfg: BaseTrainConfig, out: Path, dev: torch.device, resume: 
     if resume:
         state = _read_trainer_state(out / TRAINER_STATE, dev)
         log = read_json(out / TRAINING_LOG, "training log")
-        return load_llada(out, device=dev).train(), load_tokenizer(out), state, log
+        return load_native(out, device=dev).train(), load_tokenizer(out), state, log
     if ckpt is None:
         tokenizer = build_tokenizer(task_corpus(cfg.tasks))
         model, earlier = build_model(cfg, tokenizer).to(dev).train(), []
     else:
-        tokenizer = load_tokenizer(ckpt)
-        model = load_llada(ckpt, device=dev).train()
+        tokenizer = build_tokenizer(task_corpus(cfg.tasks), base=load_tokenizer(ckpt))
+        model = grow_vocabulary(load_native(ckpt, device=dev), len(tokenizer), cfg.seed).train()
         earlier = [read_json(ckpt / TRAINING_LOG, "training log")]
     log = {"config": asdict(cfg), "device": str(dev), "wall_time_s": 0.0, "losses": [], "earlier_runs": earlier}
     return model, tokenizer, {"step": 0}, log

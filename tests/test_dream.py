@@ -191,6 +191,16 @@ def test_generate_cli_every_policy_and_cache(dream_checkpoint: Path, tmp_path: P
                 assert code == 0, err
                 outputs.append([json.loads(line)["canvas"] for line in out.read_text().splitlines()])
             assert outputs[0] == outputs[1], (policy, cache)
+    references = tmp_path / "fixed-none-1.jsonl"  # the oracle replays an earlier decode
+    canvases = []
+    for batch in ("1", "8"):
+        out = tmp_path / f"oracle-{batch}.jsonl"
+        code, _, err = run_main(capsys, "generate", "--model", str(dream_checkpoint), "--input", str(prompts),
+                                "--output", str(out), "--gen-length", "16", "--block-length", "8", "--policy",
+                                "oracle", "--references", str(references), "--batch-size", batch)
+        assert code == 0, err
+        canvases.append([json.loads(line)["canvas"] for line in out.read_text().splitlines()])
+    assert canvases[0] == canvases[1] == [json.loads(line)["canvas"] for line in references.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("override, message", [

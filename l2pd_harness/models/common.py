@@ -63,6 +63,18 @@ def config_values(cls: type, raw: dict[str, Any], required: dict[str, tuple[Any,
     return values
 
 
+def require_positive(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name}={getattr(config, name)} must be a positive integer")
+
+
+def require_in_vocabulary(config: Any, names: tuple[str, ...] = ("mask_token_id", "eos_token_id")) -> None:
+    for name in names:
+        if not 0 <= getattr(config, name) < config.vocab_size:
+            raise ConfigError(f"{name}={getattr(config, name)} is outside the vocabulary [0, {config.vocab_size})")
+
+
 class JsonConfig:
     """A family's config dataclass: :meth:`from_json` reads a config.json through the family's ``from_dict``."""
 

@@ -24,6 +24,8 @@ from l2pd_harness.models.common import (
     apply_rotary,
     bidirectional_attention,
     config_values,
+    require_in_vocabulary,
+    require_positive,
     split_heads,
     swiglu,
 )
@@ -84,10 +86,8 @@ class DreamConfig(JsonConfig):
     """When true the output projection reuses the embedding matrix (no ``lm_head`` tensor)."""
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        require_positive(self, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size", "max_position_embeddings"))
         if not 0 < self.rope_theta < float("inf"):
             raise ConfigError(f"rope_theta={self.rope_theta} must be a positive number")
         if self.hidden_size % self.num_attention_heads:
@@ -98,9 +98,7 @@ class DreamConfig(JsonConfig):
                               f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim hidden_size/num_attention_heads={self.head_dim} must be even for RoPE")
-        for name in ("mask_token_id", "eos_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ConfigError(f"{name}={getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+        require_in_vocabulary(self)
 
     @property
     def head_dim(self) -> int:

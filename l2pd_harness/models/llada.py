@@ -21,6 +21,8 @@ from l2pd_harness.models.common import (
     apply_rotary,
     bidirectional_attention,
     config_values,
+    require_in_vocabulary,
+    require_positive,
     split_heads,
     swiglu,
 )
@@ -109,10 +111,8 @@ class LLaDAConfig(JsonConfig):
         self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         self.mlp_hidden_size = self.mlp_hidden_size or self.mlp_ratio * self.d_model
         self.embedding_size = self.embedding_size or self.vocab_size
-        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
-                     "max_sequence_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        require_positive(self, ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+                     "max_sequence_length"))
         if not 0 < self.rope_theta < float("inf"):
             raise ConfigError(f"rope_theta={self.rope_theta} must be a positive number")
         if self.d_model % self.n_heads:
@@ -123,9 +123,7 @@ class LLaDAConfig(JsonConfig):
             raise ConfigError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
         if self.embedding_size < self.vocab_size:
             raise ConfigError(f"embedding_size={self.embedding_size} is smaller than vocab_size={self.vocab_size}")
-        for name in ("mask_token_id", "eos_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ConfigError(f"{name}={getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+        require_in_vocabulary(self)
 
     @property
     def head_dim(self) -> int:

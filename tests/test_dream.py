@@ -241,11 +241,19 @@ def test_filter_pipeline_runs_on_dream(dream_checkpoint: Path, tmp_path: Path, c
     code, _, err = run_main(capsys, "train-filter", "--model", str(dream_checkpoint), "--traces", str(traces),
                             "--out", str(net), "--val-share", "0.5", "--max-epochs", "2")
     assert code == 0, err
-    code, out, err = run_main(capsys, "generate", "--model", str(dream_checkpoint), "--prompt", "Tom has 12 apples.",
-                              "--policy", "learned", "--filter", str(net), "--gen-length", "16", "--block-length",
-                              "8", "--cache", "dual")
-    assert code == 0, err
-    assert json.loads(out)["nfe"] >= 2
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Tom has 12 apples.", "xs = [2, 1]"] * 4))
+    for cache in ("none", "prefix", "dual"):
+        rows = []
+        for batch in ("1", "8"):
+            out = tmp_path / f"learned-{cache}-{batch}.jsonl"
+            code, _, err = run_main(capsys, "generate", "--model", str(dream_checkpoint), "--input", str(prompts),
+                                    "--output", str(out), "--policy", "learned", "--filter", str(net),
+                                    "--gen-length", "16", "--block-length", "8", "--cache", cache, "--eotp",
+                                    "--batch-size", batch)
+            assert code == 0, err
+            rows.append([json.loads(line) for line in out.read_text().splitlines()])
+        assert [r["canvas"] for r in rows[0]] == [r["canvas"] for r in rows[1]] and rows[0][0]["nfe"] >= 2
 
 
 def test_lm_eval_generates_and_scores_with_dream(dream_checkpoint: Path) -> None:

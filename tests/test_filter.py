@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from l2pd_harness.filter.train import (
     precision_recall,
     training_questions,
 )
+from tests.test_cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = [1, 2, 32]
@@ -176,7 +176,7 @@ def test_threshold_choice_needs_the_filters_own_traces(tmp_path: Path) -> None:
         training_questions(learned.card)
 
 
-def test_a_missing_trace_directory_is_one_line(tmp_path: Path) -> None:
+def test_a_missing_trace_directory_is_one_line(tmp_path: Path, run_cli) -> None:
     for command in (["train-filter", "--architecture", "position_mlp"], ["choose-threshold", "--filter",
                                                                           str(DEFAULT_FILTER)]):
         done = run_cli(*command, "--traces", str(ROOT / "results/learn2pd/traces/tr-arith17-oracle-fill"),
@@ -206,13 +206,27 @@ def test_fit_learns_a_separable_rule() -> None:
     assert metrics["precision"] > 0.9 and metrics["recall"] > 0.9
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "l2pd_harness.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)  # the shipped filter's card names its traces from the repository root
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch: pytest.MonkeyPatch):
+    """``l2pd ARGS`` in this process, from the repository root (the shipped filter's card names its traces from
+    there); returns the exit code and output as a finished process would."""
+    monkeypatch.chdir(ROOT)
+
+    def run(*args: str) -> Finished:
+        code, out, err = run_main(capsys, *args)
+        return Finished(code, out, err)
+    return run
 
 
 @pytest.mark.slow
-def test_collect_train_and_decode_end_to_end(tmp_path: Path) -> None:
+def test_collect_train_and_decode_end_to_end(tmp_path: Path, run_cli) -> None:
     """The real commands on the shipped model, small: traces -> filter -> learned decode."""
     traces = tmp_path / "traces"
     done = run_cli("collect-traces", "--task", "arith,listops", "--n", "4", "--gen-length", "32", "--out",

@@ -53,6 +53,7 @@ def test_pairsum_problems_have_several_valid_answers() -> None:
         target = int(problem["question"].rstrip("?").split()[-1])
         valid = [(a, b) for a in listed for b in listed if a != b and a + b == target]
         assert len(valid) >= 4 and len(listed) == len(set(listed))  # two pairs or more, each in either order
+        assert {a for a, _ in valid} == set(listed)  # every number starts a valid answer
         assert all(pairsum.grade(f"{a} + {b} = {target}", problem) for a, b in valid)
         assert pairsum.grade(problem["answer"], problem)
         lengths.add(len(problem["answer"].split()[0]) + len(problem["answer"].split()[2]))

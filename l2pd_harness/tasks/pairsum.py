@@ -1,6 +1,6 @@
 """``pairsum``: pick two numbers of a list that add up to a target; every problem has several valid answers.
 
-``Which two of the numbers 3, 14, 8, 6, 11 and 20 add up to 17?`` accepts ``3 + 14 = 17``, ``14 + 3 = 17``,
+``Which two of the numbers 3, 14, 6 and 11 add up to 17?`` accepts ``3 + 14 = 17``, ``14 + 3 = 17``,
 ``6 + 11 = 17`` and ``11 + 6 = 17``. The training answers pick a pair and its order at random, so before either
 number is written every position of the answer is uncertain, and the two numbers depend on each other: committing
 both in one pass picks each position's likeliest token on its own and mixes two valid answers into an invalid one
@@ -15,27 +15,18 @@ import re
 
 MIN_TARGET, MAX_TARGET = 10, 40
 MIN_PAIRS, MAX_PAIRS = 2, 3
-MAX_DISTRACTORS = 3
 ANSWER = re.compile(r"\s*(\d+) \+ (\d+) = (\d+)\s*")
 QUESTION = re.compile(r"Which two of the numbers ((?:\d+, )*\d+) and (\d+) add up to (\d+)\?")
 
 
 def make_problem(rng: random.Random) -> dict[str, str]:
-    """One problem: ``question`` and one valid ``answer`` (``a + b = target``) chosen at random."""
+    """One problem: ``question`` and one valid ``answer`` (``a + b = target``) chosen at random. Every listed number
+    belongs to exactly one valid pair, so any first number leads to an answer: the difficulty is in committing the
+    two numbers consistently, not in searching the list."""
     target = rng.randint(MIN_TARGET, MAX_TARGET)
     smaller = rng.sample(range(1, (target + 1) // 2), rng.randint(MIN_PAIRS, MAX_PAIRS))  # a < target - a
     pairs = [(a, target - a) for a in smaller]
-    numbers = [n for pair in pairs for n in pair]
-    # A distractor pairs with no number of the list: the valid answers are exactly the pairs drawn above.
-    candidates = [n for n in range(1, MAX_TARGET + 1)
-                  if n not in numbers and target - n not in numbers and 2 * n != target]
-    wanted, distractors = rng.randint(0, MAX_DISTRACTORS), []
-    for n in rng.sample(candidates, len(candidates)):
-        if len(distractors) == wanted:
-            break
-        if target - n not in distractors:
-            distractors.append(n)
-    listed = numbers + distractors
+    listed = [n for pair in pairs for n in pair]
     rng.shuffle(listed)
     first, second = rng.choice(pairs)
     if rng.random() < 0.5:

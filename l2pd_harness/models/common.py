@@ -42,7 +42,6 @@ def check_json_types(cls: type, values: dict[str, Any]) -> None:
             raise ConfigError(f"{name}={value!r} must be {_JSON_TYPE_NAMES[kind]}{' or null' if optional else ''}")
 
 
-
 def config_values(cls: type, raw: dict[str, Any], required: dict[str, tuple[Any, ...]], ignored: frozenset[str],
                   aliases: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The values of config.json content ``raw`` that are fields of dataclass ``cls``, after refusing a variant

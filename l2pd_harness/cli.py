@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,7 +273,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
             rows.append(row)
             if out is not None:
                 out.write(row)  # as they come, so a crash keeps the finished rows
-    print(json.dumps({"task": args.task, "gen_length": cfg.gen_length, **summarise_rows(rows).as_row()}))
+    print(json.dumps({"task": args.task, "gen_length": cfg.gen_length, **summarise_rows(rows).as_row(),
+                      "settings": dataclasses.asdict(cfg)}))
 
 
 def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -142,6 +142,11 @@ def task_name(text: str) -> str:
     return text
 
 
+def positive_int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive integers."""
+    return tuple(positive_int(item) for item in text.split(","))
+
+
 def task_list(text: str) -> tuple[str, ...]:
     """An argparse type: comma-separated task names."""
     return tuple(task_name(name) for name in text.split(","))
@@ -211,6 +216,8 @@ def add_train_base_parser(subparsers: argparse._SubParsersAction) -> None:
                     "load_model() reads. Checkpoints every --checkpoint-every steps; --resume continues.")
     tasks = ",".join(BaseTrainConfig().tasks)
     p.add_argument("--task", type=task_list, default=tasks, help=f"comma-separated tasks ({tasks})")
+    p.add_argument("--task-weights", type=positive_int_list, default=(),
+                   help="comma-separated problems of each --task per round of the mix (default: one each)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     add_config_options(p, BaseTrainConfig, ("steps", "warmup", "tokens_per_batch", "min_gen_length", "max_gen_length",
                                             "d_model", "n_layers", "n_heads", "mlp_hidden_size", "max_sequence_length",

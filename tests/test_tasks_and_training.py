@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -129,3 +130,16 @@ def test_pairsum_lm_eval_task_reads_its_data_and_accepts_any_valid_pair() -> Non
     doc = {"question": "Which two of the numbers 3, 14, 8, 6, 11 and 20 add up to 17?", "answer": "3 + 14 = 17"}
     assert valid_pair(doc, ["11 + 6 = 17"]) == {"exact_match": 1.0}
     assert valid_pair(doc, ["3 + 11 = 17"]) == {"exact_match": 0.0}
+
+
+def test_task_weights_set_each_tasks_share_of_a_batch() -> None:
+    from l2pd_harness.loading import DEFAULT_MODEL_DIR, load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
+    equal = base.make_batch(BaseTrainConfig(**TINY, tasks=("arith", "listops")), tokenizer, 3)
+    weighted = BaseTrainConfig(**TINY, tasks=("arith", "listops"), task_weights=(1, 3))
+    streams = [itertools.count(), itertools.count(100)]  # endless, as iter_problems is
+    assert list(itertools.islice(base.mixed(streams, (1, 3)), 8)) == [0, 100, 101, 102, 1, 103, 104, 105]
+    assert base.make_batch(weighted, tokenizer, 3)["ids"].shape[0] == equal["ids"].shape[0]
+    with pytest.raises(ValueError, match=r"task_weights=\[1\] must give a positive integer for each of the tasks"):
+        BaseTrainConfig(tasks=("arith", "listops"), task_weights=(1,))

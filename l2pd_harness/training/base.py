@@ -15,6 +15,7 @@ import pickle
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -44,7 +45,9 @@ class BaseTrainConfig:
     """Hyper-parameters of ``l2pd train-base``; saved beside the checkpoint."""
 
     tasks: tuple[str, ...] = ("arith", "listops")
-    """Tasks mixed in equal shares."""
+    """Tasks mixed into every batch."""
+    task_weights: tuple[int, ...] = ()
+    """Problems of each task per round of the mix, in ``tasks`` order (empty: one each, equal shares)."""
     steps: int = 20000
     """Optimiser steps."""
     lr: float = 2e-3
@@ -81,6 +84,9 @@ class BaseTrainConfig:
     def __post_init__(self) -> None:
         for name in self.tasks:
             get_task(name)
+        if self.task_weights and (len(self.task_weights) != len(self.tasks) or min(self.task_weights) < 1):
+            raise ValueError(f"task_weights={list(self.task_weights)} must give a positive integer for each of the "
+                             f"tasks {list(self.tasks)}")
         if not 0 < self.min_gen_length <= 256 < self.max_gen_length:
             raise ValueError(f"need 0 < min_gen_length ({self.min_gen_length}) <= 256 < max_gen_length "
                              f"({self.max_gen_length})")
@@ -119,13 +125,20 @@ def draw_gen_length(cfg: BaseTrainConfig, rng: random.Random) -> int:
     return rng.randrange(cfg.min_gen_length, 256 + 1, 8)
 
 
+def mixed(streams: list[Iterator[dict[str, str]]], weights: tuple[int, ...]) -> Iterator[dict[str, str]]:
+    """Rounds of ``weights[i]`` problems from each endless stream ``i``, in stream order."""
+    while True:
+        for stream, weight in zip(streams, weights, strict=True):
+            yield from itertools.islice(stream, weight)
+
+
 def make_batch(cfg: BaseTrainConfig, tokenizer, step: int) -> dict[str, torch.Tensor]:
     """Prompt + padded response ids for ``step`` (deterministic in ``(seed, step)``, so resume is exact)."""
     rng = random.Random(f"{cfg.seed}:{step}")
     gen_length = draw_gen_length(cfg, rng)
     streams = [iter_problems(name, "train", cfg.seed * 10_000_000 + step) for name in cfg.tasks]
     batch_size = max(1, cfg.tokens_per_batch // (gen_length + PROMPT_ROOM))
-    problems = list(itertools.islice(itertools.chain.from_iterable(zip(*streams, strict=True)), batch_size))
+    problems = list(itertools.islice(mixed(streams, cfg.task_weights or (1,) * len(streams)), batch_size))
     prompts = [encode_prompt(tokenizer, p["question"]) for p in problems]
     answers = [tokenizer(p["answer"], add_special_tokens=False)["input_ids"] for p in problems]
     gen_length = max(gen_length, max(len(a) for a in answers) + 1)

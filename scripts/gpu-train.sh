@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The base-model training that 2 CPU cores cannot do, in under 12 minutes on one H100/H200: fine-tune the last
-# committed checkpoint (the shipped tiny model unless INIT names another) on arith, listops and pairsum, with more
+# committed checkpoint (results/tiny-model/candidate-pairsum, the CPU fine-tune that started pairsum, unless INIT
+# names another) on arith, listops and pairsum (pairsum weighted 3, arith 2: the CPU run lost arith points), with more
 # long padded canvases (EoTP at gen 1024), then measure the one-token reference on 500 held-out problems per task.
 # Writes the checkpoint and eval.jsonl under $OUT (the device tool) or runs/gpu-train; commit them with the GPU named
 # (training_log.json records the device). Runs here too for a smoke test: DEVICE=cpu STEPS=2 TOKENS=2048 N=4.
@@ -8,14 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RESULTS="${OUT:-runs/gpu-train}"
-INIT="${INIT:-l2pd_harness/assets/tiny-llada}"
+INIT="${INIT:-results/tiny-model/candidate-pairsum}"
 DEVICE="${DEVICE:-cuda}"; STEPS="${STEPS:-8000}"; TOKENS="${TOKENS:-65536}"; N="${N:-500}"
 PY=$(command -v python3 || command -v python)
 l2pd() { "$PY" -m l2pd_harness.cli "$@"; }
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total --format=csv; fi
 mkdir -p "$RESULTS"
 # 8,000 steps of 65,536 positions: about 7 minutes on an H100 (the shipped model's runs: 0.053 s per step).
-l2pd train-base --task arith,listops,pairsum --init-from "$INIT" --out "$RESULTS/model" --device "$DEVICE" \
+l2pd train-base --task arith,listops,pairsum --task-weights 2,1,3 --init-from "$INIT" --out "$RESULTS/model" --device "$DEVICE" \
     --steps "$STEPS" --warmup 200 --lr 1e-3 --tokens-per-batch "$TOKENS" --long-share 0.35 \
     --checkpoint-every 1000 --num-workers 4
 for task in pairsum arith listops; do

@@ -1,4 +1,5 @@
-"""Engine benchmark at a real model's shape: a LLaDA built from any ``config.json`` with random weights, decoding a
+"""Engine benchmark at a real model's shape: a model of any supported family built from its ``config.json`` with random
+weights (LLaDA-8B-Instruct and Dream-v0-Instruct-7B in ``benchmarks/configs/``), decoding a
 fixed number of tokens per pass (so the forward passes are known without a trained model).
 
 For each batch size x canvas length x KV cache it reports the time inside the model's forward passes alone, the
@@ -31,8 +32,8 @@ from l2pd_harness.cli import OneLineParser, UsageError, script_main
 from l2pd_harness.decoding.config import CACHES
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.files import around_markers, check_output_path, read_json, replace_marked, write_atomic
-from l2pd_harness.loading import DTYPES, parse_device, parse_dtype
-from l2pd_harness.models.llada import LLaDAConfig, LLaDAModel
+from l2pd_harness.loading import DTYPES, config_from_file, model_class, parse_device, parse_dtype
+from l2pd_harness.models.common import BidirectionalLM
 from l2pd_harness.settings import argument_type, decode_setup
 
 HERE = Path(__file__).resolve().parent
@@ -49,15 +50,15 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def random_llada(config: LLaDAConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LLaDAModel:
-    """A LLaDA of ``config``'s shape with random weights, allocated once on ``device`` in ``dtype``."""
+def random_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> BidirectionalLM:
+    """A model of ``config``'s family and shape with random weights, allocated once on ``device`` in ``dtype``."""
     with torch.device("meta"), default_dtype(dtype):
-        model = LLaDAModel(config)
+        model = model_class(config)(config)
     model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+            if name.endswith(("norm.weight", "ln_f.weight", "layernorm.weight")):
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=generator)
@@ -90,7 +91,7 @@ class ForwardClock:
             handle.remove()
 
 
-def random_prompts(config: LLaDAConfig, count: int, length: int, seed: int) -> list[list[int]]:
+def random_prompts(config, count: int, length: int, seed: int) -> list[list[int]]:
     """``count`` prompts of ``length`` random token ids (never the mask or end-of-text id)."""
     generator = torch.Generator().manual_seed(seed)
     special = torch.tensor([config.mask_token_id, config.eos_token_id])
@@ -124,7 +125,7 @@ def timed_decode(engine: Engine, prompts: list[list[int]], device: torch.device,
     return time.perf_counter() - started
 
 
-def measure(model: LLaDAModel, batch_size: int, gen_length: int, cache: str, args: argparse.Namespace) -> dict:
+def measure(model: BidirectionalLM, batch_size: int, gen_length: int, cache: str, args: argparse.Namespace) -> dict:
     """One configuration: a warm-up, a timed decode, then the same decode with the forward passes clocked (their
     share of its wall time, applied to the timed one)."""
     device = next(model.parameters()).device
@@ -176,7 +177,8 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="benchmarks/engine.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, required=True, help="a LLaDA config.json (benchmarks/configs/)")
+    p.add_argument("--config", type=Path, required=True,
+                   help="a model config.json of any supported family (benchmarks/configs/)")
     p.add_argument("--layers", type=positive_int, default=None, help="override n_layers (a quick look at the shape)")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (float32)")
@@ -207,7 +209,7 @@ def int_list(option: str, text: str) -> list[int]:
     return values
 
 
-def setup_of(args: argparse.Namespace, config: LLaDAConfig, model: LLaDAModel, device: torch.device) -> dict:
+def setup_of(args: argparse.Namespace, config, model: BidirectionalLM, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".replace("  ", " "))
     return {"config": args.config.name, "n_layers": config.n_layers, "parameters": parameter_count(model),
@@ -220,9 +222,9 @@ def run(args: argparse.Namespace) -> None:
     for cache in caches:
         if cache not in CACHES:
             raise UsageError(f"--caches: {cache!r} is not one of {list(CACHES)}")
-    config = LLaDAConfig.from_json(args.config)
+    config = config_from_file(args.config)
     if args.layers is not None:
-        config = replace(config, n_layers=args.layers)
+        config = replace(config, **{config.layers_field: args.layers})
     for gen_length in gen_lengths:  # every setting checked before anything is built
         decode_setup({"gen_length": gen_length, "block_length": args.block_length, "policy": "fixed",
                       "steps": gen_length // args.tokens_per_step if gen_length % args.tokens_per_step == 0 else -1})
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = parse_device(args.device)
-    model = random_llada(config, device, parse_dtype(args.dtype))
+    model = random_model(config, device, parse_dtype(args.dtype))
     setup = setup_of(args, config, model, device)
     results = read_json(args.out, "--out results") if args.out.exists() else {"setup": setup, "runs": []}
     if results.get("setup") != setup:

@@ -162,11 +162,20 @@ def _iter_tensors(files: list[Path], device: torch.device, dtype: torch.dtype) -
 
 def native_config(ckpt: Path):
     """The config of the checkpoint in ``ckpt``, as the class its ``model_type`` names in :data:`FAMILIES`."""
-    path = ckpt / "config.json"
+    return config_from_file(ckpt / "config.json")
+
+
+def config_from_file(path: Path):
+    """A config.json file read as the config class its ``model_type`` names in :data:`FAMILIES`."""
     family = read_json(path, "model config").get("model_type", "llada")
     if family not in FAMILIES:
         raise ConfigError(f"model config {str(path)!r}: model_type={family!r} is not one of {sorted(FAMILIES)}")
     return FAMILIES[family][0].from_json(path)
+
+
+def model_class(config) -> type[BidirectionalLM]:
+    """The native model class of a config from :func:`config_from_file`."""
+    return next(model for config_class, model in FAMILIES.values() if isinstance(config, config_class))
 
 
 def load_native(ckpt: Path, dtype: torch.dtype = torch.float32,
@@ -174,9 +183,8 @@ def load_native(ckpt: Path, dtype: torch.dtype = torch.float32,
     """This package's model of ``ckpt``'s family; built on the meta device, so only one copy of the weights is ever
     made."""
     config = native_config(ckpt)
-    model_class = next(model for cfg, model in FAMILIES.values() if isinstance(config, cfg))
     with torch.device("meta"):
-        model = model_class(config)
+        model = model_class(config)(config)
     expected = set(model.state_dict())
     state = dict(_iter_tensors(_tensor_files(ckpt), torch.device(device), dtype))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

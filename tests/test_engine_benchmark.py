@@ -12,11 +12,13 @@ import torch
 
 from l2pd_harness.decoding.memory import GIB, MemoryPlan, check_memory, plan_memory
 from l2pd_harness.decoding.scheduler import DecodeError
+from l2pd_harness.loading import config_from_file, model_class
 from l2pd_harness.models.llada import LLaDAConfig
 from l2pd_harness.settings import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 LLADA_8B = REPO / "benchmarks" / "configs" / "llada-8b-instruct.json"
+DREAM_7B = REPO / "benchmarks" / "configs" / "dream-v0-instruct-7b.json"
 
 
 def load_engine_benchmark():
@@ -38,9 +40,21 @@ def run_benchmark(monkeypatch: pytest.MonkeyPatch, *options: str) -> None:
 def test_the_8b_config_is_llada_8b_instruct() -> None:
     config = LLaDAConfig.from_json(LLADA_8B)
     with torch.device("meta"):
-        model = engine_benchmark.LLaDAModel(config)
+        model = model_class(config)(config)
     assert engine_benchmark.parameter_count(model) == 8_015_581_184
     assert (config.vocab_size, config.mask_token_id, config.eos_token_id) == (126464, 126336, 126081)
+
+
+def test_the_dream_config_is_dream_v0_instruct_7b(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = config_from_file(DREAM_7B)
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    assert engine_benchmark.parameter_count(model) == 7_615_616_512  # Qwen2.5-7B's count: the same shape
+    out = tmp_path / "dream.json"
+    run_benchmark(monkeypatch, "--config", str(DREAM_7B), "--layers", "1", "--batch-sizes", "1", "--gen-lengths",
+                  "32", "--caches", "dual", "--tokens-per-step", "8", "--out", str(out))
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["passes"] == 4 and row["whole_decode"]
 
 
 def test_batch_32_at_1024_with_the_dual_cache_fits_an_80_gb_gpu() -> None:

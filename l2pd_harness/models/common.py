@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,9 @@ def require_in_vocabulary(config: Any, names: tuple[str, ...] = ("mask_token_id"
 
 class JsonConfig:
     """A family's config dataclass: :meth:`from_json` reads a config.json through the family's ``from_dict``."""
+
+    layers_field: ClassVar[str] = "n_layers"
+    """The field holding the number of transformer blocks (the family's own key)."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JsonConfig:

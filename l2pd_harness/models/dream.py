@@ -10,7 +10,7 @@ it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,8 @@ _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
 class DreamConfig(JsonConfig):
     """Architecture of a Dream checkpoint, read from its ``config.json`` (Dream's own key names). The properties
     give the engine the names it reads on every family (``n_layers``, ``n_kv_heads``, ``head_dim`` ...)."""
+
+    layers_field: ClassVar[str] = "num_hidden_layers"
 
     hidden_size: int
     """Width of the residual stream."""

@@ -58,7 +58,7 @@ def random_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("norm.weight", "ln_f.weight", "layernorm.weight")):
+            if name.endswith(("norm.weight", "ln_f.weight")):
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=generator)

@@ -160,11 +160,6 @@ def _iter_tensors(files: list[Path], device: torch.device, dtype: torch.dtype) -
                 yield name, handle.get_tensor(name).to(dtype)
 
 
-def native_config(ckpt: Path):
-    """The config of the checkpoint in ``ckpt``, as the class its ``model_type`` names in :data:`FAMILIES`."""
-    return config_from_file(ckpt / "config.json")
-
-
 def config_from_file(path: Path):
     """A config.json file read as the config class its ``model_type`` names in :data:`FAMILIES`."""
     family = read_json(path, "model config").get("model_type", "llada")
@@ -182,7 +177,7 @@ def load_native(ckpt: Path, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> BidirectionalLM:
     """This package's model of ``ckpt``'s family; built on the meta device, so only one copy of the weights is ever
     made."""
-    config = native_config(ckpt)
+    config = config_from_file(ckpt / "config.json")
     with torch.device("meta"):
         model = model_class(config)(config)
     expected = set(model.state_dict())

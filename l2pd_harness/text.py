@@ -74,8 +74,11 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, eos_token_id: int) -> set
     stops = {eos_token_id}
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    return stops | {vocab[marker] for marker in END_OF_TURN if marker in vocab}
+    for marker in END_OF_TURN:
+        eot = tokenizer.convert_tokens_to_ids(marker)
+        if eot is not None and eot != tokenizer.unk_token_id:
+            stops.add(eot)
+    return stops
 
 
 def response_length(canvas: list[int], stops: set[int]) -> int:

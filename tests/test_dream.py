@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from lm_eval.api.instance import Instance
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.decoding.policies import build_policy
+from l2pd_harness.decoding.runner import ModelRunner, StepBatch
+from l2pd_harness.decoding.scheduler import ScheduledRequest
+from l2pd_harness.lm_eval_model import L2PDLM
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, load_model
 from l2pd_harness.models.common import ConfigError
 from l2pd_harness.models.dream import DreamModel
+from l2pd_harness.text import encode_prompt
 from l2pd_harness.tokenizer import build_tokenizer
 from l2pd_harness.training.base import task_corpus
 from tests.test_cli import one_line_error, run_main
@@ -93,7 +99,6 @@ def qwen2_twin(ckpt: Path) -> Qwen2ForCausalLM:
         rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
         tie_word_embeddings=False)).eval()
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
-    from safetensors.torch import load_file
     state = {k: v for file in sorted(set(index.values())) for k, v in load_file(ckpt / file).items()}
     qwen.load_state_dict(state, strict=True)
     return qwen
@@ -139,7 +144,6 @@ def dream_engine_rows(ckpt: Path, batch_size: int, **settings) -> list[dict]:
     cfg = DecodeConfig(gen_length=32, block_length=8, batch_size=batch_size, **settings)
     prompts = ["Tom has 12 apples. How many apples does Tom have now?", "xs = [3, 1, 2]\nprint(sorted(xs))",
                "Mia has 4 coins.", "12 + 7 = 19"]
-    from l2pd_harness.text import encode_prompt
     engine = Engine(model, cfg, eot_ids={tokenizer.eos_token_id}, policy=build_policy(cfg))
     results = engine.generate([encode_prompt(tokenizer, p) for p in prompts] * 2)
     return [{"canvas": r.token_ids, "nfe": r.nfe} for r in results]
@@ -162,9 +166,6 @@ def test_engine_runs_dream_batch_invariant(dream_checkpoint: Path, settings: dic
 def test_cached_pass_reads_the_shifted_prediction(dream_checkpoint: Path) -> None:
     """Right after a refresh nothing is stale, so a dual-cache pass over the block must give the full pass's logits:
     it only can if the slice includes the position before the block, where Dream reads the block's first token."""
-    from l2pd_harness.decoding.runner import ModelRunner, StepBatch
-    from l2pd_harness.decoding.scheduler import ScheduledRequest
-
     model, _ = load_model(dream_checkpoint)
     for cache in ("prefix", "dual"):
         cfg = DecodeConfig(gen_length=16, block_length=8, batch_size=2, cache=cache, policy="threshold")
@@ -213,7 +214,6 @@ def test_generate_cli_every_policy_and_cache(dream_checkpoint: Path, tmp_path: P
 ])
 def test_bad_dream_config_is_one_line(dream_checkpoint: Path, tmp_path: Path, capsys, override: dict,
                                       message: str) -> None:
-    import shutil
     ckpt = Path(shutil.copytree(dream_checkpoint, tmp_path / "ckpt"))
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, **override}))
@@ -257,10 +257,6 @@ def test_filter_pipeline_runs_on_dream(dream_checkpoint: Path, tmp_path: Path, c
 
 
 def test_lm_eval_generates_and_scores_with_dream(dream_checkpoint: Path) -> None:
-    from lm_eval.api.instance import Instance
-
-    from l2pd_harness.lm_eval_model import L2PDLM
-
     lm = L2PDLM.create_from_arg_string(f"pretrained={dream_checkpoint},gen_length=16,block_length=8,"
                                        "policy=threshold,cache=dual,mc_num=4")
     request = Instance("generate_until", {}, ("Tom has 12 apples.", {"until": [], "max_gen_toks": 16}), 0)

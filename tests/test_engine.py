@@ -197,21 +197,40 @@ def test_cached_passes_compute_fewer_positions(model, cache: str, later_pass) ->
     assert result.positions_per_step == expected
 
 
-def test_cache_reuse_reproduces_a_full_pass_when_nothing_changed(model) -> None:
+@pytest.mark.parametrize("slot_order", [[2, 0, 1], [0, 1, 2]], ids=["gathered", "consecutive"])
+def test_cache_reuse_reproduces_a_full_pass_when_nothing_changed(model, slot_order: list[int]) -> None:
     """Right after a refresh the stored keys/values are exact, so a prefix or dual pass over a slice gives the
-    full pass's logits on it (rows of different lengths, right-padded)."""
+    full pass's logits on it (rows of different lengths, right-padded), whether the rows' slots are read through a
+    gather or, consecutive, as views of the store."""
     torch.manual_seed(0)
     lengths = torch.tensor([20, 13, 17])
     ids = torch.randint(4, 40, (3, 20)).masked_fill(torch.arange(20) >= lengths[:, None], EOS)
-    slots = torch.tensor([2, 0, 1])
+    slots = torch.tensor(slot_order)
     cache = KVCache(model.config, slots=3, dtype=torch.float32, device=torch.device("cpu"))
     with torch.no_grad():
         full = model(ids, kv_cache=cache.refresh(slots, lengths, 20))  # [3, 20, V]
         start = torch.tensor([8, 3, 5])
         for width in (4, 12):  # a dual-sized slice, and one running past each row's end (prefix)
             positions = start[:, None] + torch.arange(width)
-            sliced = model(ids.gather(1, positions.clamp(max=19)), kv_cache=cache.reuse(slots, positions, lengths, 20))
+            cache_pass = cache.reuse(slots, slot_order, positions, lengths, 20)
+            sliced = model(ids.gather(1, positions.clamp(max=19)), kv_cache=cache_pass)
             for row in range(3):
                 valid = positions[row] < lengths[row]
                 torch.testing.assert_close(sliced[row][valid], full[row, positions[row][valid]], atol=1e-5,
                                            rtol=1e-5)
+
+
+def test_cache_reads_consecutive_slots_without_copying(model) -> None:
+    """Rows in consecutive slots read the store itself (a cached pass at LLaDA-8B's shape would otherwise copy
+    every layer's keys and values of the batch); other slot orders get a copy."""
+    cache = KVCache(model.config, slots=4, dtype=torch.float32, device=torch.device("cpu"))
+    lengths, positions = torch.tensor([10, 10]), torch.tensor([[4, 5], [4, 5]])
+    cache.refresh(torch.tensor([0, 1, 2, 3]), torch.full((4,), 10), 10)
+    k = torch.randn(2, model.config.n_kv_heads, 2, model.config.head_dim)
+    for host_slots, shares_storage in (([1, 2], True), ([2, 1], False), ([0, 2], False)):
+        cache_pass = cache.reuse(torch.tensor(host_slots), host_slots, positions, lengths, 10)
+        keys, values = cache_pass.update(0, k, k + 1)  # [2, kv_heads, 11, head_dim]
+        assert (keys.untyped_storage().data_ptr() == cache.keys[0].untyped_storage().data_ptr()) is shares_storage
+        torch.testing.assert_close(keys[:, :, 4:6], k)
+        torch.testing.assert_close(values[:, :, 4:6], k + 1)
+        torch.testing.assert_close(cache.keys[0][host_slots][:, :, 4:6], k)  # written in place

@@ -33,14 +33,17 @@ class CachePass:
     """True on a refresh pass: the queries are whole sequences and their keys/values are stored."""
     query_valid: torch.Tensor | None = None
     """``[B, Q]`` on a reuse pass: query columns that are real (rows with shorter slices are padded)."""
+    slot_range: slice | None = None
+    """On a reuse pass whose rows sit in consecutive slots in order: those slots, so reads are views."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values ``[B, kv_heads, S, hd]`` the queries attend to, given the queries' own ``k, v``."""
         if self.write:
             self.store.write(layer, self.slots, k, v)
             return k, v
-        return self.store.read_with(layer, self.slots, self.positions, self.query_valid, k, v,
-                                    width=self.key_mask.shape[1])
+        self.store.write_queries(layer, self.slots, self.positions, self.query_valid, k, v,
+                                 spare=self.key_mask.shape[1] - 1)
+        return self.store.read(layer, self.slots, self.slot_range, width=self.key_mask.shape[1])
 
 
 class KVCache:
@@ -76,26 +79,37 @@ class KVCache:
         columns = torch.arange(width, device=lengths.device)
         return CachePass(self, slots, columns.expand(len(slots), width), columns < lengths[:, None], write=True)
 
-    def reuse(self, slots: torch.Tensor, query_positions: torch.Tensor, lengths: torch.Tensor,
-              width: int) -> CachePass:
+    def reuse(self, slots: torch.Tensor, host_slots: list[int], query_positions: torch.Tensor,
+              lengths: torch.Tensor, width: int) -> CachePass:
         """A pass whose queries are ``query_positions [B, Q]`` of sequences of ``lengths [B]`` (the longest
-        ``width``); the rest of each sequence comes from the store."""
+        ``width``) in ``slots`` (``host_slots`` as the host knows them); the rest of each sequence comes from the
+        store."""
         valid = query_positions < lengths[:, None]  # [B, Q]
         key_mask = torch.arange(width + 1, device=lengths.device) < lengths[:, None]  # [B, S + 1], spare masked
-        return CachePass(self, slots, query_positions, key_mask, write=False, query_valid=valid)
+        first = host_slots[0]
+        consecutive = host_slots == list(range(first, first + len(host_slots)))
+        return CachePass(self, slots, query_positions, key_mask, write=False, query_valid=valid,
+                         slot_range=slice(first, first + len(host_slots)) if consecutive else None)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         width = k.shape[2]
         self.keys[layer][slots, :, :width] = k
         self.values[layer][slots, :, :width] = v
 
-    def read_with(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                  k: torch.Tensor, v: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored keys/values of ``slots`` over ``width`` columns with the queries' fresh ``k, v`` written in at
-        ``positions``; padded query columns go to the spare last column, which the key mask hides."""
-        target = positions.masked_fill(~valid, width - 1)  # [B, Q]
-        index = target[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, kv_heads, Q, hd]
-        # Indexing by slot already copies the rows, so the fresh keys/values go into that copy in place.
-        keys = self.keys[layer][slots, :, :width].scatter_(2, index, k)
-        values = self.values[layer][slots, :, :width].scatter_(2, index, v)
-        return keys, values
+    def write_queries(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, spare: int) -> None:
+        """Store the queries' fresh ``k, v [B, kv_heads, Q, hd]`` at their ``positions [B, Q]``; padded query
+        columns go to the ``spare`` column, which the key mask hides. A row's query slice is the same on every pass
+        of its block and is recomputed on each, so what the store held there is never read again before the next
+        refresh: writing in place gives the same attention as writing into a copy, without the copy."""
+        target = positions.masked_fill(~valid, spare)  # [B, Q]
+        # Advanced indices on dims 0 and 2 around a slice: the indexed view is [B, Q, kv_heads, hd].
+        self.keys[layer][slots[:, None], :, target] = k.transpose(1, 2)
+        self.values[layer][slots[:, None], :, target] = v.transpose(1, 2)
+
+    def read(self, layer: int, slots: torch.Tensor, slot_range: slice | None,
+             width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values ``[B, kv_heads, width, hd]`` of ``slots``: views of the store when the rows sit in
+        ``slot_range``, a gathered copy otherwise."""
+        rows = slots if slot_range is None else slot_range
+        return self.keys[layer][rows, :, :width], self.values[layer][rows, :, :width]

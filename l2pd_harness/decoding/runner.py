@@ -55,22 +55,24 @@ class StepBatch:
     host_lengths: list[int]
     """``lengths`` as the host knows them: widths and counts come from here, not from reading the device."""
     host_block_start: list[int]
+    host_slots: list[int]
 
     @classmethod
     def of(cls, rows: list[ScheduledRequest], pad_id: int, device: torch.device) -> StepBatch:
         def column(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, device=device)
 
-        lengths, block_start = [len(r.token_ids) for r in rows], [r.block_start for r in rows]
+        lengths, block_start, slots = ([len(r.token_ids) for r in rows], [r.block_start for r in rows],
+                                       [r.slot for r in rows])
         return cls(right_pad([r.token_ids for r in rows], pad_id), column(lengths), column(block_start),
-                   column([r.prompt_length for r in rows]), column([r.slot for r in rows]), lengths, block_start)
+                   column([r.prompt_length for r in rows]), column(slots), lengths, block_start, slots)
 
     def select(self, group: list[int]) -> StepBatch:
         """The rows ``group``, padded only as wide as the longest of them."""
         lengths = [self.host_lengths[i] for i in group]
         return StepBatch(self.ids[group, : max(lengths)], self.lengths[group], self.block_start[group],
                          self.prompt_length[group], self.slots[group], lengths,
-                         [self.host_block_start[i] for i in group])
+                         [self.host_block_start[i] for i in group], [self.host_slots[i] for i in group])
 
 
 class ModelRunner:
@@ -127,7 +129,7 @@ class ModelRunner:
         width = self.cfg.block_length + shift if self.cfg.cache == "dual" else max(tails)
         positions = start[:, None] + torch.arange(width, device=self.device)  # [B, Q]
         ids = batch.ids.gather(1, positions.clamp(max=batch.ids.shape[1] - 1))  # [B, Q]
-        kv_cache = self.cache.reuse(batch.slots, positions, lengths, batch.ids.shape[1])
+        kv_cache = self.cache.reuse(batch.slots, batch.host_slots, positions, lengths, batch.ids.shape[1])
         index = self._block_columns(torch.full_like(start, shift)).clamp(max=width - 1)  # [B, L] in the slice
         return self.model(ids, kv_cache=kv_cache, logits_index=index), [min(width, tail) for tail in tails]
 

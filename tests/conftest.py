@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` runs N workers; one thread each (and in the processes they start) keeps N workers from
+    # oversubscribing the cores, which slows every worker's torch ops far more than it gains.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch

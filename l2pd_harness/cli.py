@@ -1,5 +1,5 @@
 """The ``l2pd`` command line: generate, data, grade, evaluate, train-base, collect-traces, train-filter,
-choose-threshold, import-filter, regress, tasks-dir (registered in :func:`build_parser`)."""
+choose-threshold, train-policy, import-filter, regress, tasks-dir (registered in :func:`build_parser`)."""
 
 from __future__ import annotations
 
@@ -530,6 +530,55 @@ def run_import_filter(args: argparse.Namespace) -> None:
                       "block_length": learned.card.config.block_length}))
 
 
+def add_train_policy_parser(subparsers: argparse._SubParsersAction) -> None:
+    from l2pd_harness.filter.model import FEATURES, NEIGHBOUR_FEATURES, POSITION_FEATURES
+    from l2pd_harness.filter.reinforce import ReinforceConfig
+
+    p = subparsers.add_parser(
+        "train-policy", help="train a decode policy by reinforcement against the model (no traces, no labels)",
+        description="Start a position_mlp filter as the confidence threshold --init-threshold, then per iteration "
+                    "decode --problems training problems per task --rollouts times with commits sampled from the "
+                    "filter's probabilities, reward correct decodes that take few forward passes (--speed-weight) "
+                    "and take one policy-gradient step against each problem's mean reward. Writes FILE.safetensors "
+                    "+ FILE.json for `--policy learned --filter FILE` (accept threshold 0.5) after every iteration, "
+                    "the card holding each iteration's accuracy, forward passes and reward.")
+    p.add_argument("--task", type=task_list, default="arith", help="comma-separated tasks (arith)")
+    p.add_argument("--out", required=True, help="checkpoint path (NAME.safetensors; NAME.json beside)")
+    p.add_argument("--features", default=",".join(POSITION_FEATURES + NEIGHBOUR_FEATURES),
+                   help=f"comma-separated, from {','.join(FEATURES)}; must include confidence "
+                        f"({','.join(POSITION_FEATURES + NEIGHBOUR_FEATURES)})")
+    p.add_argument("--hidden-size", type=positive_int, default=32, help="hidden width (32)")
+    add_config_options(p, ReinforceConfig)
+    add_config_options(p, DecodeConfig, ("gen_length", "block_length", "batch_size", "cache", "eotp"),
+                       defaults={"eotp": True, "batch_size": 64})
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default="cpu", help="torch device (cpu)")
+    p.set_defaults(func=run_train_policy)
+
+
+def run_train_policy(args: argparse.Namespace) -> None:
+    from l2pd_harness.filter.model import FilterConfig
+    from l2pd_harness.filter.reinforce import ReinforceConfig, reinforce
+    from l2pd_harness.loading import load_model, model_fingerprint, resolve_checkpoint
+    from l2pd_harness.settings import make_config
+
+    out = check_filter_out(args.out)
+    decode_cfg = make_config({**option_values(args, DecodeConfig), "policy": "learned", "accept_threshold": 0.5})
+    try:
+        filter_cfg = FilterConfig("position_mlp", tuple(args.features.split(",")), decode_cfg.block_length,
+                                  args.hidden_size)
+        cfg = ReinforceConfig(**option_values(args, ReinforceConfig))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    model, tokenizer = load_model(args.model, device=args.device)
+    learned = reinforce(model, tokenizer, list(args.task), decode_cfg, cfg, filter_cfg,
+                        model_fingerprint(resolve_checkpoint(args.model)), on_iteration=lambda f: f.save(out))
+    learned.save(out)
+    last = learned.card.training["history"][-1:] or [{}]
+    print(json.dumps({"out": str(out), "features": list(filter_cfg.features), **last[0],
+                      "wall_time_s": learned.card.training["wall_time_s"]}))
+
+
 def add_tasks_dir_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tasks-dir", help="print the folder of the lm-eval task YAMLs shipped with the package",
@@ -544,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in (add_generate_parser, add_data_parser, add_grade_parser, add_evaluate_parser, add_train_base_parser,
                 add_collect_traces_parser, add_train_filter_parser, add_choose_threshold_parser,
-                add_import_filter_parser, add_regress_parser, add_tasks_dir_parser):
+                add_train_policy_parser, add_import_filter_parser, add_regress_parser, add_tasks_dir_parser):
         add(subparsers)
     return parser
 

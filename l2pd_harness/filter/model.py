@@ -7,7 +7,7 @@ serving see the same numbers):
   (``raw_confidence``: the released filter's input, committed positions' own top-1 probabilities included).
 - ``position_mlp``: a shared MLP over each position's own features (confidence, top-1/top-2 margin, entropy,
   relative position, share of the block already committed, whether its left neighbour is settled, its confidence
-  rank among the block's masked positions) -> one logit.
+  rank among the block's masked positions; optionally its neighbours' confidences) -> one logit.
 
 Positions that are not masked (committed, or committed as end-of-text by EoTP) read as settled: confidence and margin 1,
 entropy 0, so the filter's input does not depend on what the model would say about a token it can no longer change.
@@ -33,7 +33,9 @@ from l2pd_harness.settings import SettingsError, coerce
 POSITION_FEATURES = ("confidence", "margin", "entropy", "position", "committed_share", "left_settled",
                      "confidence_rank")
 """What ``position_mlp`` reads unless told otherwise."""
-FEATURES = (*POSITION_FEATURES, "raw_confidence")
+NEIGHBOUR_FEATURES = ("left_confidence", "right_confidence", "right_settled")
+"""What a position sees of its neighbours beyond ``left_settled``."""
+FEATURES = (*POSITION_FEATURES, "raw_confidence", *NEIGHBOUR_FEATURES)
 BLOCK_MLP_FEATURES = (("confidence",), ("raw_confidence",))
 """What ``block_mlp`` may read: the block's confidences, settled positions as 1 (ours) or as the model gives them
 (the released filter's)."""
@@ -95,11 +97,24 @@ def block_features(names: tuple[str, ...], confidence: torch.Tensor, margin: tor
         "position": lambda: (torch.arange(length, device=masked.device) / length).expand(masked.shape),
         "committed_share": lambda: settled.double().mean(-1, keepdim=True).expand(masked.shape),
         # The block's first position follows the previous block, which is always fully committed.
-        "left_settled": lambda: torch.cat([torch.ones_like(settled[:, :1]), settled[:, :-1]], dim=-1),
+        "left_settled": lambda: shifted(settled, 1, fill=True),
         "confidence_rank": lambda: confidence_rank(confidence, masked) / length,
         "raw_confidence": lambda: confidence,
+        # Neighbours' confidences let a rule see two uncertain positions side by side (committing both in one pass
+        # picks each one's token independently). Left of the block is committed (1); right of it is the next
+        # block, not yet decoded (0).
+        "left_confidence": lambda: shifted(confidence.masked_fill(settled, 1.0), 1, fill=1.0),
+        "right_confidence": lambda: shifted(confidence.masked_fill(settled, 1.0), -1, fill=0.0),
+        "right_settled": lambda: shifted(settled, -1, fill=False),
     }
     return torch.stack([columns[name]().float() for name in names], dim=-1)
+
+
+def shifted(values: torch.Tensor, by: int, fill: float | bool) -> torch.Tensor:
+    """``values [B, L]`` moved ``by`` positions along the block (1: each position gets its left neighbour's value),
+    the positions moved in from outside the block set to ``fill``."""
+    edge = torch.full_like(values[:, :abs(by)], fill)
+    return torch.cat([edge, values[:, :-by]], dim=-1) if by > 0 else torch.cat([values[:, -by:], edge], dim=-1)
 
 
 def confidence_rank(confidence: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

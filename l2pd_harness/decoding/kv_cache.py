@@ -3,8 +3,8 @@
 At the first pass of a block the whole sequence is computed and every position's keys/values are stored
 (:meth:`KVCache.refresh`). The block's later passes compute only a slice of the sequence, the queries, write the
 slice's fresh keys/values into the store and take every other position's from it (:meth:`KVCache.reuse`):
-``prefix`` recomputes the block and everything after it, ``dual`` the block alone. Stale by design: the stored values of positions outside the slice
-were computed before this block's commits.
+``prefix`` recomputes the block and everything after it, ``dual`` the block alone. Stale by design: the stored
+values of positions outside the slice were computed before this block's commits.
 
 Sequences are left-aligned in their slot, so a column is a position.
 """

@@ -90,8 +90,12 @@ def block_features(names: tuple[str, ...], confidence: torch.Tensor, margin: tor
     certain, except in ``raw_confidence``)."""
     settled = ~masked  # [B, L]
     length = masked.shape[-1]
+
+    def certain_where_settled() -> torch.Tensor:
+        return confidence.masked_fill(settled, 1.0)
+
     columns = {
-        "confidence": lambda: confidence.masked_fill(settled, 1.0),
+        "confidence": certain_where_settled,
         "margin": lambda: margin.masked_fill(settled, 1.0),
         "entropy": lambda: entropy.masked_fill(settled, 0.0),
         "position": lambda: (torch.arange(length, device=masked.device) / length).expand(masked.shape),
@@ -103,8 +107,8 @@ def block_features(names: tuple[str, ...], confidence: torch.Tensor, margin: tor
         # Neighbours' confidences let a rule see two uncertain positions side by side (committing both in one pass
         # picks each one's token independently). Left of the block is committed (1); right of it is the next
         # block, not yet decoded (0).
-        "left_confidence": lambda: shifted(confidence.masked_fill(settled, 1.0), 1, fill=1.0),
-        "right_confidence": lambda: shifted(confidence.masked_fill(settled, 1.0), -1, fill=0.0),
+        "left_confidence": lambda: shifted(certain_where_settled(), 1, fill=1.0),
+        "right_confidence": lambda: shifted(certain_where_settled(), -1, fill=0.0),
         "right_settled": lambda: shifted(settled, -1, fill=False),
     }
     return torch.stack([columns[name]().float() for name in names], dim=-1)

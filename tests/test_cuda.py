@@ -33,11 +33,12 @@ def test_fp32_outputs_on_cuda_do_not_depend_on_batch_size(random_checkpoint: Pat
     assert all(mask not in r.token_ids for r in alone)
 
 
-def test_bf16_decodes_finish_on_cuda(random_checkpoint: Path) -> None:
+def test_bf16_decodes_finish_and_repeat_on_cuda(random_checkpoint: Path) -> None:
     model = load_model(random_checkpoint, dtype="bfloat16", device="cuda")[0]
     for settings in SETTINGS:
         results = decode(model, 4, **settings)
         assert all(model.config.mask_token_id not in r.token_ids for r in results)
+        assert [r.token_ids for r in decode(model, 4, **settings)] == [r.token_ids for r in results]  # README's claim
 
 
 def test_a_batch_beyond_the_free_memory_is_refused_before_any_work(random_checkpoint: Path,

@@ -12,6 +12,7 @@ from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.decoding.kv_cache import KVCache
 from l2pd_harness.decoding.policies import StepState
+from l2pd_harness.decoding.runner import confidence_of
 from l2pd_harness.decoding.scheduler import RunnerOutput, Scheduler
 from l2pd_harness.loading import load_model
 
@@ -41,6 +42,24 @@ def fake_output(scheduler: Scheduler, commits: dict[int, dict[int, int]], block_
     state = StepState(confidence=conf, margin=zeros, entropy=zeros, prediction=prediction, masked=~commit_mask,
                       block_step=torch.zeros(len(ids), dtype=torch.long), noise=zeros)
     return RunnerOutput(ids, commit_mask, [1] * len(ids), state, torch.ones(len(ids), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_confidence_is_the_float64_softmax_probability(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 8, 5000, generator=gen) * 3).to(dtype)  # [B, L, V]
+    prediction = torch.randint(0, 5000, (2, 8), generator=gen)  # not always the largest logit
+    expected = logits.double().softmax(-1).gather(-1, prediction[..., None]).squeeze(-1)
+    torch.testing.assert_close(confidence_of(logits, prediction), expected, rtol=1e-6, atol=0)
+
+
+def test_confident_positions_keep_their_order_below_one() -> None:
+    logits = torch.zeros(1, 4, 1000)  # [B, L, V]
+    logits[0, :, 7] = torch.tensor([26.0, 28.0, 30.0, 32.0])  # float32 probabilities all round to 1.0
+    confidence = confidence_of(logits, torch.full((1, 4), 7))
+    assert (confidence < 1).all() and (confidence.diff() > 0).all()
+    tail = 999 / (999 + torch.tensor([26.0, 28.0, 30.0, 32.0], dtype=torch.float64).exp())  # 1 - p, exactly
+    torch.testing.assert_close(1 - confidence[0], tail, rtol=1e-3, atol=0)  # float64 rounding of p near 1
 
 
 def make_scheduler(eotp: bool, batch_size: int = 2, requests: int = 1, eotp_mode: str = "fill") -> Scheduler:
@@ -131,6 +150,15 @@ def test_outputs_do_not_depend_on_batch_size(model, settings: dict) -> None:
         together = decode(model, PROMPTS, FREQUENT_EOT, batch_size=batch_size, **settings)
         assert [r.token_ids for r in together] == [r.token_ids for r in alone], batch_size
         assert [r.tokens_per_step for r in together] == [r.tokens_per_step for r in alone]
+
+
+@pytest.mark.parametrize("settings", [SETTINGS[2], SETTINGS[4]], ids=lambda s: "-".join(map(str, s.values())))
+def test_bf16_outputs_repeat_at_a_fixed_batch_size_and_order(random_checkpoint: Path, settings: dict) -> None:
+    model = load_model(random_checkpoint, dtype="bfloat16")[0]  # the guarantee the README gives for bf16
+    first = decode(model, PROMPTS, FREQUENT_EOT, batch_size=3, **settings)
+    again = decode(model, PROMPTS, FREQUENT_EOT, batch_size=3, **settings)
+    assert [r.token_ids for r in again] == [r.token_ids for r in first]
+    assert [r.tokens_per_step for r in again] == [r.tokens_per_step for r in first]
 
 
 def test_truncating_eotp_shortens_later_passes(model) -> None:

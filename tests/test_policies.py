@@ -222,7 +222,7 @@ def test_bad_settings_name_the_value(settings: dict, message: str) -> None:
 def test_margin_and_entropy_come_from_the_distributions_only_when_read() -> None:
     probs = torch.tensor([[[0.7, 0.2, 0.1, 1e-30], [0.25, 0.25, 0.25, 0.25]]], dtype=torch.float64)  # [1, 2, V]
     state = StepState(confidence=probs.amax(-1), prediction=probs.argmax(-1), masked=torch.ones(1, 2, dtype=torch.bool),
-                      block_step=torch.zeros(1, dtype=torch.long), noise=torch.zeros(1, 2), probs=probs)
+                      block_step=torch.zeros(1, dtype=torch.long), noise=torch.zeros(1, 2), logits=probs.log())
     Threshold(0.9)(state)
     FixedQuota(2)(state)
     assert state.margin is None and state.entropy is None  # neither rule reads them: never computed

@@ -39,17 +39,18 @@ class StepState:
     """``[B, L]`` float: top-1 minus top-2 probability at each block position (:meth:`spread`)."""
     entropy: torch.Tensor | None = None
     """``[B, L]`` float: entropy (nats) of each block position's predicted distribution (:meth:`spread`)."""
-    probs: torch.Tensor | None = None
-    """``[B, L, V]`` float64: the predicted distributions, from which :meth:`spread` works out margin and entropy
-    when first asked (at a real vocabulary each is a pass over the largest tensor of a step: never made for a
-    policy that does not read them)."""
+    logits: torch.Tensor | None = None
+    """``[B, L, V]``: the model's logits, from which :meth:`spread` works out margin and entropy in float64 when
+    first asked (at a real vocabulary each is a pass over the largest tensor of a step: never made for a policy that
+    does not read them)."""
 
     def spread(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(margin, entropy)``, each ``[B, L]``."""
         if self.margin is None or self.entropy is None:
-            top2 = self.probs.topk(2, dim=-1).values  # [B, L, 2]
+            probs = self.logits.double().softmax(-1)  # [B, L, V]
+            top2 = probs.topk(2, dim=-1).values  # [B, L, 2]
             self.margin = top2[..., 0] - top2[..., 1]
-            self.entropy = torch.special.entr(self.probs).sum(-1)  # 0 * log 0 read as 0
+            self.entropy = torch.special.entr(probs).sum(-1)  # 0 * log 0 read as 0
         return self.margin, self.entropy
 
 

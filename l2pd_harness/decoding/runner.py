@@ -38,6 +38,22 @@ def choose_tokens(logits: torch.Tensor, mask_id: int, temperature: float, genera
     return prediction
 
 
+def confidence_of(logits: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` float64: the probability ``softmax(logits)`` gives each ``prediction [B, L]``.
+
+    The exponentials are taken in float32 against each position's largest logit, and the chosen token's term is
+    kept apart from the sum of the others, so a confident position keeps its distance from 1 (``1 - p`` is the
+    others' share). This ranks and thresholds as a float64 softmax does (Fast-dLLM's; float32 probabilities round
+    many confident positions to exactly 1.0) to about 1e-7 relative, and reads a ``[B, L, V]`` tensor three times in
+    float32 instead of making two float64 copies of it: at a 126k vocabulary the largest cost of a step's statistics.
+    """
+    top = logits.amax(-1, keepdim=True).float()  # [B, L, 1]
+    scaled = logits.to(torch.float32, copy=True).sub_(top).exp_()  # [B, L, V]
+    chosen = scaled.gather(-1, prediction[..., None]).squeeze(-1).double()  # [B, L]
+    others = scaled.scatter_(-1, prediction[..., None], 0.0).sum(-1).double()  # [B, L]
+    return chosen / (chosen + others)
+
+
 def right_pad(sequences: list[torch.Tensor], pad_id: int) -> torch.Tensor:
     """``[B, max_len]`` with each sequence left-aligned."""
     return nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id)
@@ -90,15 +106,19 @@ class ModelRunner:
         rows = scheduled.requests
         batch = StepBatch.of(rows, self.pad_id, self.device)
         uses_cache = [self.cache is not None and r.block_step > 0 for r in rows]
-        logits: list[torch.Tensor | None] = [None] * len(rows)  # each [block_length, V]
+        passes = [(group, *forward(batch.select(group)))
+                  for cached, forward in ((False, self._full_pass), (True, self._cached_pass))
+                  if (group := [i for i, flag in enumerate(uses_cache) if flag == cached])]
+        if len(passes) == 1:  # one kind of pass for the whole batch: its logits as they are, no copy
+            _, logits, computed = passes[0]
+            return self._decide(rows, batch, logits, computed)
+        logits = passes[0][1].new_empty((len(rows), *passes[0][1].shape[1:]))  # [B, L, V]
         computed = [0] * len(rows)
-        for cached, forward in ((False, self._full_pass), (True, self._cached_pass)):
-            group = [i for i, flag in enumerate(uses_cache) if flag == cached]
-            if group:
-                group_logits, group_computed = forward(batch.select(group))
-                for i, row_logits, count in zip(group, group_logits, group_computed, strict=True):
-                    logits[i], computed[i] = row_logits, count
-        return self._decide(rows, batch, torch.stack(logits), computed)
+        for group, group_logits, group_computed in passes:
+            logits[group] = group_logits
+            for i, count in zip(group, group_computed, strict=True):
+                computed[i] = count
+        return self._decide(rows, batch, logits, computed)
 
     def _block_columns(self, block_start: torch.Tensor) -> torch.Tensor:
         """``[B, block_length]`` column of each block position given each row's ``block_start [B]``."""
@@ -140,15 +160,14 @@ class ModelRunner:
         live = columns < batch.lengths[:, None]  # [B, L]: false past a truncated canvas's end
         block_tokens = batch.ids.gather(1, columns.clamp(max=batch.ids.shape[1] - 1))  # [B, L]
         prediction = choose_tokens(logits, self.mask_id, self.cfg.temperature, self.generator)  # [B, L]
-        probs = logits.double().softmax(-1)  # [B, L, V]: ranked in float64, as Fast-dLLM ranks
-        confidence = probs.gather(-1, prediction[..., None]).squeeze(-1)  # [B, L]
+        confidence = confidence_of(logits, prediction)  # [B, L]
         reference = None
         if rows[0].reference is not None:
             reference = torch.stack([r.reference for r in rows])
         # Positions cut off the canvas read as settled and certain (margin and entropy, where read, are read only
         # at masked positions).
         state = StepState(confidence=confidence.masked_fill(~live, 1.0), prediction=prediction,
-                          masked=live & (block_tokens == self.mask_id), probs=probs,
+                          masked=live & (block_tokens == self.mask_id), logits=logits,
                           block_step=torch.tensor([r.block_step for r in rows], device=self.device),
                           noise=torch.rand(confidence.shape, dtype=torch.float64, device=self.device,
                                            generator=self.generator),

@@ -221,7 +221,8 @@ def add_train_base_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory")
     add_config_options(p, BaseTrainConfig, ("steps", "warmup", "tokens_per_batch", "min_gen_length", "max_gen_length",
                                             "d_model", "n_layers", "n_heads", "mlp_hidden_size", "max_sequence_length",
-                                            "checkpoint_every", "lr", "weight_decay", "long_share", "eps", "seed"))
+                                            "checkpoint_every", "lr", "weight_decay", "long_share", "eps",
+                                            "semi_ar_share", "block_length", "seed"))
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers building batches ahead (0)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

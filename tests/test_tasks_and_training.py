@@ -143,3 +143,39 @@ def test_task_weights_set_each_tasks_share_of_a_batch() -> None:
     assert base.make_batch(weighted, tokenizer, 3)["ids"].shape[0] == equal["ids"].shape[0]
     with pytest.raises(ValueError, match=r"task_weights=\[1\] must give a positive integer for each of the tasks"):
         BaseTrainConfig(tasks=("arith", "listops"), task_weights=(1,))
+
+
+def test_semi_autoregressive_masks_keep_earlier_blocks_and_hide_later_ones() -> None:
+    eos = 0
+    target = torch.tensor([[5] * 40 + [eos] * 24, [6] * 3 + [eos] * 61] * 16)  # [32, 64]: answers of 40 and 3 tokens
+    t = torch.full((32,), 0.5)
+    masked, scored = base.semi_ar_masks(target, t, 16, eos, torch.Generator().manual_seed(0))
+    starts = set()
+    for row_masked, row_scored, answer in zip(masked, scored, [40, 3] * 16, strict=True):
+        block = int(row_masked.nonzero()[0]) // 16  # the first masked position lies in the drawn block
+        starts.add((answer, block))
+        assert not row_masked[: block * 16].any() and row_masked[(block + 1) * 16:].all()
+        assert torch.equal(row_scored, row_masked & (torch.arange(64) // 16 == block))
+        assert block <= answer // 16  # never past the block of the answer's first end-of-text
+    assert {block for answer, block in starts if answer == 40} == {0, 1, 2} and {b for a, b in starts if a == 3} == {0}
+
+
+def test_without_semi_autoregressive_samples_the_loss_is_llada_sft() -> None:
+    from l2pd_harness.loading import DEFAULT_MODEL_DIR, load_model, load_tokenizer
+
+    model, tokenizer = load_model(DEFAULT_MODEL_DIR)[0], load_tokenizer(DEFAULT_MODEL_DIR)
+    cfg = BaseTrainConfig(**TINY)
+    batch = base.make_batch(cfg, tokenizer, 0)
+    with torch.no_grad():
+        loss = base.diffusion_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(1)  # the same draws, worked out here as LLaDA's SFT loss
+        ids, width = batch["ids"], int(batch["prompt_width"])
+        t = cfg.eps + (1 - cfg.eps) * torch.rand(ids.shape[0], generator=gen)
+        masked = torch.rand(ids[:, width:].shape, generator=gen) < t[:, None]
+        noisy = torch.cat([ids[:, :width], ids[:, width:].masked_fill(masked, model.config.mask_token_id)], 1)
+        ce = torch.nn.functional.cross_entropy(model(noisy, batch["attention"])[:, width:][masked],
+                                               ids[:, width:][masked], reduction="none")
+        expected = (ce / t[:, None].expand_as(masked)[masked]).sum() / masked.numel()
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match=r"semi_ar_share=1.5 must be in \[0, 1\]"):
+        BaseTrainConfig(semi_ar_share=1.5)

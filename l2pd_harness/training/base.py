@@ -4,6 +4,11 @@ Each sample is a chat-formatted prompt (never masked) followed by the response a
 canvas length drawn per batch (short canvases mostly, a share up to ``max_gen_length``), so the model answers on
 any canvas it will be decoded on. A masking ratio ``t ~ U(eps, 1)`` per sample masks response positions; the loss is
 the cross-entropy of masked positions weighted by ``1/t``, divided by the canvas length (LLaDA's SFT loss).
+
+A share of samples can instead be masked the way a block-wise (semi-autoregressive) decode sees its canvas: the
+blocks before a drawn block clean, that block masked at ratio ``t``, everything after it masked; their loss is the
+same weighted cross-entropy over that block, divided by the block length. Uniform masking almost never shows the
+model a clean prefix followed by a wholly masked rest, which is what every block after the first starts from.
 """
 
 from __future__ import annotations
@@ -66,6 +71,10 @@ class BaseTrainConfig:
     """Share of batches whose canvas is drawn from (256, max_gen_length] rather than [min_gen_length, 256]."""
     eps: float = 1e-3
     """Smallest masking ratio."""
+    semi_ar_share: float = 0.0
+    """Share of samples masked as a block-wise decode sees them (earlier blocks clean, later ones masked)."""
+    block_length: int = 32
+    """Block length of those samples (the decode's ``block_length``)."""
     d_model: int = 192
     """Model width."""
     n_layers: int = 6
@@ -90,9 +99,10 @@ class BaseTrainConfig:
         if not 0 < self.min_gen_length <= 256 < self.max_gen_length:
             raise ValueError(f"need 0 < min_gen_length ({self.min_gen_length}) <= 256 < max_gen_length "
                              f"({self.max_gen_length})")
-        if not 0 <= self.long_share <= 1:
-            raise ValueError(f"long_share={self.long_share} must be in [0, 1]")
-        for name in ("steps", "warmup", "tokens_per_batch", "checkpoint_every"):
+        for name in ("long_share", "semi_ar_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        for name in ("steps", "warmup", "tokens_per_batch", "checkpoint_every", "block_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         # SettingsError (a ValueError) from here on: train_base re-checks a config given a checkpoint's architecture.
@@ -166,21 +176,44 @@ class StepBatches(Dataset):
         return make_batch(self.cfg, self.tokenizer, step)
 
 
-def diffusion_loss(model: LLaDAModel, batch: dict[str, torch.Tensor], eps: float,
+def semi_ar_masks(target: torch.Tensor, t: torch.Tensor, block_length: int, eos_id: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(masked, scored)``, each ``[B, G]``: per row a block drawn among those up to the one holding the answer's
+    first end-of-text; positions before it clean, in it masked with probability ``t [B]``, after it all masked.
+    ``scored`` is the drawn block's masked positions."""
+    columns = torch.arange(target.shape[1], device=target.device)  # [G]
+    answer_end = (target == eos_id).long().argmax(-1)  # [B]: a batch's canvas always ends in padding
+    blocks = answer_end // block_length + 1  # [B]
+    draw = torch.rand(blocks.shape, device=target.device, generator=generator)
+    start = ((draw * blocks).long() * block_length)[:, None]  # [B, 1]
+    in_block = (columns >= start) & (columns < start + block_length)  # [B, G]
+    scored = in_block & (torch.rand(target.shape, device=target.device, generator=generator) < t[:, None])
+    return scored | (columns >= start + block_length), scored
+
+
+def diffusion_loss(model: LLaDAModel, batch: dict[str, torch.Tensor], cfg: BaseTrainConfig,
                    generator: torch.Generator) -> torch.Tensor:
-    """LLaDA SFT loss: masked-token cross-entropy weighted by 1/t, over the canvas length, averaged over samples."""
+    """LLaDA SFT loss: masked-token cross-entropy weighted by 1/t, over the canvas length, averaged over samples
+    (over the block length for semi-autoregressive samples, whose loss is their block's)."""
     ids, width = batch["ids"], int(batch["prompt_width"])
-    target = ids[:, width:]  # [B, gen_length]
+    target = ids[:, width:]  # [B, G]
     device = ids.device
-    t = eps + (1 - eps) * torch.rand(ids.shape[0], device=device, generator=generator)  # [B]
-    masked = torch.rand(target.shape, device=device, generator=generator) < t[:, None]  # [B, gen_length]
+    t = cfg.eps + (1 - cfg.eps) * torch.rand(ids.shape[0], device=device, generator=generator)  # [B]
+    masked = torch.rand(target.shape, device=device, generator=generator) < t[:, None]  # [B, G]
+    scored, span = masked, torch.full_like(t, target.shape[1])  # [B, G], [B]
+    if cfg.semi_ar_share > 0:  # no extra draws otherwise: earlier runs' masks stay as they were
+        semi = torch.rand(t.shape, device=device, generator=generator) < cfg.semi_ar_share  # [B]
+        semi_masked, semi_scored = semi_ar_masks(target, t, cfg.block_length, model.config.eos_token_id, generator)
+        masked = torch.where(semi[:, None], semi_masked, masked)
+        scored = torch.where(semi[:, None], semi_scored, scored)
+        span = torch.where(semi, float(cfg.block_length), span)
     noisy = ids.clone()
     noisy[:, width:] = target.masked_fill(masked, model.config.mask_token_id)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(noisy, batch["attention"])[:, width:]  # [B, gen_length, V]
-    ce = F.cross_entropy(logits[masked].float(), target[masked], reduction="none")  # [n_masked]
-    weight = (1 / t)[:, None].expand_as(masked)[masked]  # [n_masked]
-    return (ce * weight).sum() / (target.shape[0] * target.shape[1])
+        logits = model(noisy, batch["attention"])[:, width:]  # [B, G, V]
+    ce = F.cross_entropy(logits[scored].float(), target[scored], reduction="none")  # [n_scored]
+    weight = (1 / (t * span))[:, None].expand_as(scored)[scored]  # [n_scored]
+    return (ce * weight).sum() / target.shape[0]
 
 
 def build_model(cfg: BaseTrainConfig, tokenizer) -> LLaDAModel:
@@ -308,7 +341,7 @@ def train_base(cfg: BaseTrainConfig, out: Path, device: str = "cpu", resume: boo
             group["lr"] = learning_rate(cfg, step)
         generator = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + step)
         batch = {k: v if k == "prompt_width" else v.to(dev, non_blocking=True) for k, v in batch.items()}
-        loss = diffusion_loss(model, batch, cfg.eps, generator)
+        loss = diffusion_loss(model, batch, cfg, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -50,13 +50,13 @@ def test_confidence_is_the_float64_softmax_probability(dtype: torch.dtype) -> No
     logits = (torch.randn(2, 8, 5000, generator=gen) * 3).to(dtype)  # [B, L, V]
     prediction = torch.randint(0, 5000, (2, 8), generator=gen)  # not always the largest logit
     expected = logits.double().softmax(-1).gather(-1, prediction[..., None]).squeeze(-1)
-    torch.testing.assert_close(confidence_of(logits, prediction), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(confidence_of(logits, prediction, logits.amax(-1)), expected, rtol=1e-6, atol=0)
 
 
 def test_confident_positions_keep_their_order_below_one() -> None:
     logits = torch.zeros(1, 4, 1000)  # [B, L, V]
     logits[0, :, 7] = torch.tensor([26.0, 28.0, 30.0, 32.0])  # float32 probabilities all round to 1.0
-    confidence = confidence_of(logits, torch.full((1, 4), 7))
+    confidence = confidence_of(logits, torch.full((1, 4), 7), logits.amax(-1))
     assert (confidence < 1).all() and (confidence.diff() > 0).all()
     tail = 999 / (999 + torch.tensor([26.0, 28.0, 30.0, 32.0], dtype=torch.float64).exp())  # 1 - p, exactly
     torch.testing.assert_close(1 - confidence[0], tail, rtol=1e-3, atol=0)  # float64 rounding of p near 1

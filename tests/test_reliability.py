@@ -155,7 +155,8 @@ class MaskLovingModel(nn.Module):
 
 def test_the_mask_token_is_never_chosen() -> None:
     logits = torch.tensor([[[0.0, 1.0, 2.0, 9.0], [5.0, 1.0, 2.0, 9.0]]])
-    assert choose_tokens(logits, MASK, 0.0, None).tolist() == [[2, 0]]
+    prediction, top = choose_tokens(logits, MASK, 0.0, None)
+    assert prediction.tolist() == [[2, 0]] and top.tolist() == [[9.0, 9.0]]  # the largest logit, mask included
     assert logits[0, 0, MASK] == 9.0  # the caller's logits are unchanged
     results = Engine(MaskLovingModel(), make_config({"gen_length": 16, "block_length": 8, "policy": "threshold"})
                      ).generate([[1, 2]])

@@ -18,37 +18,40 @@ from l2pd_harness.decoding.policies import Policy, StepState
 from l2pd_harness.decoding.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Token choice ``[B, L]``: argmax of the logits, perturbed by Gumbel noise in float64 when ``temperature > 0``."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Token choice ``[B, L]`` at ``temperature > 0``: argmax of the logits perturbed by Gumbel noise in float64."""
     logits64 = logits.double()
     noise = torch.rand(logits64.shape, dtype=torch.float64, device=logits.device, generator=generator)
     return (logits64.exp() / (-noise.log()) ** temperature).argmax(dim=-1)
 
 
 def choose_tokens(logits: torch.Tensor, mask_id: int, temperature: float, generator: torch.Generator | None
-                  ) -> torch.Tensor:
-    """:func:`gumbel_argmax` over every token but the mask token (committing it would leave the position masked
-    forever). ``logits`` is left as it was: confidences still come from the model's own distribution."""
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prediction, top)``, each ``[B, L]``: the argmax (or :func:`gumbel_argmax`) over every token but the mask
+    token (committing it would leave the position masked forever), and each position's largest logit, mask token
+    included, for :func:`confidence_of`. Greedy choice reads the logits once for both. ``logits`` is left as it was:
+    confidences still come from the model's own distribution."""
     mask_logit = logits[..., mask_id].clone()  # [B, L]
     logits[..., mask_id] = float("-inf")
-    prediction = gumbel_argmax(logits, temperature, generator)
+    if temperature == 0:
+        best, prediction = logits.max(dim=-1)
+    else:
+        prediction, best = gumbel_argmax(logits, temperature, generator), logits.amax(dim=-1)
     logits[..., mask_id] = mask_logit
-    return prediction
+    return prediction, torch.maximum(best, mask_logit)
 
 
-def confidence_of(logits: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` float64: the probability ``softmax(logits)`` gives each ``prediction [B, L]``.
+def confidence_of(logits: torch.Tensor, prediction: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` float64: the probability ``softmax(logits)`` gives each ``prediction [B, L]``, given each
+    position's largest logit ``top [B, L]``.
 
-    The exponentials are taken in float32 against each position's largest logit, and the chosen token's term is
-    kept apart from the sum of the others, so a confident position keeps its distance from 1 (``1 - p`` is the
-    others' share). This ranks and thresholds as a float64 softmax does (Fast-dLLM's; float32 probabilities round
-    many confident positions to exactly 1.0) to about 1e-7 relative, and reads a ``[B, L, V]`` tensor three times in
-    float32 instead of making two float64 copies of it: at a 126k vocabulary the largest cost of a step's statistics.
+    The exponentials are taken in float32 against ``top``, and the chosen token's term is kept apart from the sum
+    of the others, so a confident position keeps its distance from 1 (``1 - p`` is the others' share). This ranks
+    and thresholds as a float64 softmax does (Fast-dLLM's; float32 probabilities round many confident positions to
+    exactly 1.0) to about 1e-7 relative, and reads a ``[B, L, V]`` tensor three times in float32 instead of making
+    two float64 copies of it: at a 126k vocabulary the largest cost of a step's statistics.
     """
-    top = logits.amax(-1, keepdim=True).float()  # [B, L, 1]
-    scaled = logits.to(torch.float32, copy=True).sub_(top).exp_()  # [B, L, V]
+    scaled = torch.sub(logits, top[..., None].float()).exp_()  # [B, L, V] float32, whatever the logits' dtype
     chosen = scaled.gather(-1, prediction[..., None]).squeeze(-1).double()  # [B, L]
     others = scaled.scatter_(-1, prediction[..., None], 0.0).sum(-1).double()  # [B, L]
     return chosen / (chosen + others)
@@ -159,8 +162,8 @@ class ModelRunner:
         columns = self._block_columns(batch.block_start)  # [B, L]
         live = columns < batch.lengths[:, None]  # [B, L]: false past a truncated canvas's end
         block_tokens = batch.ids.gather(1, columns.clamp(max=batch.ids.shape[1] - 1))  # [B, L]
-        prediction = choose_tokens(logits, self.mask_id, self.cfg.temperature, self.generator)  # [B, L]
-        confidence = confidence_of(logits, prediction)  # [B, L]
+        prediction, top = choose_tokens(logits, self.mask_id, self.cfg.temperature, self.generator)  # [B, L] each
+        confidence = confidence_of(logits, prediction, top)  # [B, L]
         reference = None
         if rows[0].reference is not None:
             reference = torch.stack([r.reference for r in rows])

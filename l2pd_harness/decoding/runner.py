@@ -109,18 +109,20 @@ class ModelRunner:
         rows = scheduled.requests
         batch = StepBatch.of(rows, self.pad_id, self.device)
         uses_cache = [self.cache is not None and r.block_step > 0 for r in rows]
-        passes = [(group, *forward(batch.select(group)))
-                  for cached, forward in ((False, self._full_pass), (True, self._cached_pass))
-                  if (group := [i for i, flag in enumerate(uses_cache) if flag == cached])]
+        passes = []  # (row indices, their logits [b, L, V], positions each row computed)
+        for cached, forward in ((False, self._full_pass), (True, self._cached_pass)):
+            group = [i for i, flag in enumerate(uses_cache) if flag == cached]
+            if group:
+                passes.append((group, *forward(batch.select(group))))
         if len(passes) == 1:  # one kind of pass for the whole batch: its logits as they are, no copy
             _, logits, computed = passes[0]
-            return self._decide(rows, batch, logits, computed)
-        logits = passes[0][1].new_empty((len(rows), *passes[0][1].shape[1:]))  # [B, L, V]
-        computed = [0] * len(rows)
-        for group, group_logits, group_computed in passes:
-            logits[group] = group_logits
-            for i, count in zip(group, group_computed, strict=True):
-                computed[i] = count
+        else:
+            logits = passes[0][1].new_empty((len(rows), *passes[0][1].shape[1:]))  # [B, L, V]
+            computed = [0] * len(rows)
+            for group, group_logits, group_computed in passes:
+                logits[group] = group_logits
+                for i, count in zip(group, group_computed, strict=True):
+                    computed[i] = count
         return self._decide(rows, batch, logits, computed)
 
     def _block_columns(self, block_start: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from l2pd_harness.loading import load_model, load_tokenizer
 from l2pd_harness.tasks import sample_problems
-from l2pd_harness.text import encode_prompt
+from l2pd_harness.text import encode_prompt, token_ids
 
 
 def restored(model, prompt: list[int], canvas: list[int], hidden: range) -> bool:
@@ -29,7 +29,7 @@ def main(model_dir: str, n: int) -> None:
     counts = {"second given first": 0, "first given second": 0}
     for problem in sample_problems("pairsum", "test", n, seed=123):
         a, b, target = re.fullmatch(r"(\d+) \+ (\d+) = (\d+)", problem["answer"]).groups()
-        pieces = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (a, " +", " " + b, " = " + target)]
+        pieces = [token_ids(tokenizer, text) for text in (a, " +", " " + b, " = " + target)]
         first = range(len(pieces[0]))
         second = range(len(pieces[0]) + len(pieces[1]), len(pieces[0]) + len(pieces[1]) + len(pieces[2]))
         answer = sum(pieces, [])

@@ -11,6 +11,8 @@ import torch
 
 from l2pd_harness.cli import main
 from l2pd_harness.decoding.policies import Learned, StepState, Threshold
+from l2pd_harness.decoding.scheduler import RunnerOutput
+from l2pd_harness.filter import model as filter_model
 from l2pd_harness.filter.model import (
     FEATURES,
     NEIGHBOUR_FEATURES,
@@ -24,6 +26,7 @@ from l2pd_harness.filter.model import (
 )
 from l2pd_harness.filter.reinforce import (
     ReinforceConfig,
+    RolloutRecorder,
     SampledCommits,
     decode_rewards,
     group_advantages,
@@ -84,6 +87,21 @@ def test_sampled_commits_are_masked_at_least_one_and_follow_the_probabilities(ba
     assert not (draws & ~state.masked).any() and draws.any(-1).all()
     share = draws.float().mean() / state.masked.float().mean()
     assert 0.25 < float(share) < 0.4  # 0.3 per masked position, plus the at-least-one fallback
+
+
+def test_the_recorder_keeps_the_features_the_sampled_policy_made(monkeypatch) -> None:
+    """One set of filter inputs per step: the policy makes them, the training observer records that tensor."""
+    learned, state = threshold_filter(0.9), synthetic_state(2, seed=7)
+    made = []
+    real = filter_model.block_features
+    monkeypatch.setattr(filter_model, "block_features", lambda *args: made.append(args) or real(*args))
+    commit = SampledCommits(learned, torch.Generator().manual_seed(0))(state)
+    recorder = RolloutRecorder(learned)
+    recorder(None, RunnerOutput([4, 9], commit, [32, 32], state, torch.ones(2, dtype=torch.bool)))
+    features, masked, recorded, request = recorder.steps()
+    assert len(made) == 1
+    assert torch.equal(features, real(RL_FEATURES, state.confidence, state.margin, state.entropy, state.masked))
+    assert torch.equal(masked, state.masked) and torch.equal(recorded, commit) and request.tolist() == [4, 9]
 
 
 def test_rewards_pay_correct_decodes_and_fewer_passes() -> None:

@@ -7,7 +7,7 @@ returns a commit mask ``[B, L]`` over the block's ``L`` positions; it only ever 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -43,6 +43,9 @@ class StepState:
     """``[B, L, V]``: the model's logits, from which :meth:`spread` works out margin and entropy in float64 when
     first asked (at a real vocabulary each is a pass over the largest tensor of a step: never made for a policy that
     does not read them)."""
+    filter_inputs: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
+    """``[B, L, F]`` learned-filter inputs by feature names, kept when first made (``LearnedFilter.features``), so
+    a step observer recording them for training reads the policy's own instead of making them again."""
 
     def spread(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(margin, entropy)``, each ``[B, L]``."""

@@ -183,11 +183,17 @@ class LearnedFilter:
         self.net, self.card = net.eval(), card
 
     def __call__(self, state: StepState) -> torch.Tensor:
-        names = self.card.config.features
-        margin, entropy = state.spread() if {"margin", "entropy"} & set(names) else (None, None)
-        features = block_features(names, state.confidence, margin, entropy, state.masked)  # [B, L, F]
+        features = self.features(state)  # [B, L, F]
         with torch.no_grad():
             return torch.sigmoid(self.net.to(features.device)(features))  # the net follows the model's device
+
+    def features(self, state: StepState) -> torch.Tensor:
+        """``[B, L, F]``: the filter's inputs at this step, made once per step (kept on ``state``)."""
+        names = self.card.config.features
+        if names not in state.filter_inputs:
+            margin, entropy = state.spread() if {"margin", "entropy"} & set(names) else (None, None)
+            state.filter_inputs[names] = block_features(names, state.confidence, margin, entropy, state.masked)
+        return state.filter_inputs[names]
 
     def save(self, path: str | Path) -> None:
         """Write ``path`` (``.safetensors``) and the card beside it (``.json``)."""

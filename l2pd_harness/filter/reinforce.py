@@ -23,7 +23,7 @@ from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.policies import Filter, StepState, at_least_one
 from l2pd_harness.decoding.scheduler import RunnerOutput, SchedulerOutput
 from l2pd_harness.evaluation import grade_rows, iter_decoded
-from l2pd_harness.filter.model import FilterCard, FilterConfig, FilterError, FilterNet, LearnedFilter, block_features
+from l2pd_harness.filter.model import FilterCard, FilterConfig, FilterError, FilterNet, LearnedFilter
 from l2pd_harness.tasks import sample_problems
 
 
@@ -97,16 +97,16 @@ class SampledCommits:
 
 
 class RolloutRecorder:
-    """An engine step observer keeping what the policy saw and did: features, masked positions, commits."""
+    """An engine step observer keeping what the policy saw and did: ``learned``'s features (those the policy made
+    at that step), masked positions, commits."""
 
-    def __init__(self, features: tuple[str, ...]):
-        self.features, self.chunks = features, []
+    def __init__(self, learned: LearnedFilter):
+        self.learned, self.chunks = learned, []
 
     def __call__(self, scheduled: SchedulerOutput, output: RunnerOutput) -> None:
         state = output.state
-        margin, entropy = state.spread() if {"margin", "entropy"} & set(self.features) else (None, None)
-        self.chunks.append((block_features(self.features, state.confidence, margin, entropy, state.masked).cpu(),
-                            state.masked.cpu(), output.commit_mask.cpu(), torch.tensor(output.request_ids)))
+        self.chunks.append((self.learned.features(state).cpu(), state.masked.cpu(), output.commit_mask.cpu(),
+                            torch.tensor(output.request_ids)))
 
     def steps(self) -> tuple[torch.Tensor, ...]:
         """``features [N, L, F]``, ``masked [N, L]``, ``commit [N, L]``, ``request [N]`` over every step's rows."""
@@ -160,7 +160,7 @@ def reinforce(model, tokenizer, tasks: list[str], decode_cfg: DecodeConfig, cfg:
         problems = [p for task in tasks for p in sample_problems(task, "train", cfg.problems,
                                                                   cfg.data_seed + iteration)]
         rows = [problem for problem in problems for _ in range(cfg.rollouts)]
-        recorder = RolloutRecorder(filter_cfg.features)
+        recorder = RolloutRecorder(learned)
         decoded = list(iter_decoded(model, tokenizer, rows, decode_cfg, policy=policy, on_step=recorder,
                                     desc=f"rollouts {iteration + 1}/{cfg.iterations}"))
         correct = grade_rows(decoded)

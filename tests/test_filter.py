@@ -86,7 +86,7 @@ def test_filter_rows_are_independent(architecture: str, batch: int) -> None:
     together = learned(state)
     assert together.shape == (batch, L) and ((together >= 0) & (together <= 1)).all()
     for row in range(batch):
-        alone = StepState(**{k: v[row:row + 1] for k, v in vars(state).items() if v is not None})
+        alone = StepState(**{k: v[row:row + 1] for k, v in vars(state).items() if isinstance(v, torch.Tensor)})
         assert torch.allclose(learned(alone)[0], together[row], atol=1e-6)
 
 

@@ -108,7 +108,11 @@ def test_sigterm_stops_the_lm_eval_child_and_frees_the_configuration(grid: Path,
         pass
 
 
-def test_sigint_stops_the_child_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigint_stops_the_child_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          request: pytest.FixtureRequest) -> None:
+    # A suite started in the background (`cmd &`) inherits SIGINT ignored, which the sweep rightly leaves alone.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
     fake_lm_eval(monkeypatch, "import time; time.sleep(60)")
     children: list[int] = []
 

@@ -12,7 +12,7 @@ from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.decoding.kv_cache import KVCache
 from l2pd_harness.decoding.policies import StepState
-from l2pd_harness.decoding.runner import confidence_of
+from l2pd_harness.decoding.runner import confidence_of, row_max
 from l2pd_harness.decoding.scheduler import RunnerOutput, Scheduler
 from l2pd_harness.loading import load_model
 
@@ -51,6 +51,30 @@ def test_confidence_is_the_float64_softmax_probability(dtype: torch.dtype) -> No
     prediction = torch.randint(0, 5000, (2, 8), generator=gen)  # not always the largest logit
     expected = logits.double().softmax(-1).gather(-1, prediction[..., None]).squeeze(-1)
     torch.testing.assert_close(confidence_of(logits, prediction, logits.amax(-1)), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("width", [100, 128, 1000, 1024])  # shorter than a chunk, one chunk, a tail, no tail
+def test_row_max_is_torch_max_with_the_first_index_among_ties(width: int) -> None:
+    gen = torch.Generator().manual_seed(width)
+    values = torch.randint(0, 40, (2, 16, width), generator=gen).float()  # [B, L, V]: many ties
+    values[0, 0] = 39.0  # a whole row tied: index 0
+    values[0, 1, width - 1] = 99.0  # the last column, in the tail when there is one
+    values[1, 3, :] = float("-inf")
+    values[1, 3, width // 2] = -1e30
+    best, index = row_max(values)
+    expected = values.max(dim=-1)
+    assert torch.equal(best, expected.values) and torch.equal(index, expected.indices)
+    assert index[0, 0] == 0 and index[0, 1] == width - 1 and index[1, 3] == width // 2
+
+
+def test_confidence_in_a_workspace_is_the_same_and_leaves_the_logits() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 8, 700, generator=gen) * 4  # [B, L, V]
+    before = logits.clone()
+    prediction, top = logits.argmax(-1), logits.amax(-1)
+    workspace = torch.full_like(logits, float("nan"))  # stale contents must not leak into the result
+    assert torch.equal(confidence_of(logits, prediction, top, workspace), confidence_of(logits, prediction, top))
+    assert torch.equal(logits, before)
 
 
 def test_confident_positions_keep_their_order_below_one() -> None:

@@ -33,6 +33,7 @@ from l2pd_harness.filter.train import (
     training_questions,
 )
 from tests.test_cli import run_main
+from tests.test_policies import state_row
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = [1, 2, 32]
@@ -86,8 +87,7 @@ def test_filter_rows_are_independent(architecture: str, batch: int) -> None:
     together = learned(state)
     assert together.shape == (batch, L) and ((together >= 0) & (together <= 1)).all()
     for row in range(batch):
-        alone = StepState(**{k: v[row:row + 1] for k, v in vars(state).items() if isinstance(v, torch.Tensor)})
-        assert torch.allclose(learned(alone)[0], together[row], atol=1e-6)
+        assert torch.allclose(learned(state_row(state, row))[0], together[row], atol=1e-6)
 
 
 def test_position_mlp_scores_each_position_from_its_own_features() -> None:

@@ -38,6 +38,11 @@ def synthetic_state(batch: int, length: int = 16, seed: int = 0, masked_share: f
                      reference=torch.randint(0, 50, (batch, length), generator=gen))
 
 
+def state_row(state: StepState, row: int) -> StepState:
+    """Row ``row`` of ``state`` as a batch of one (its tensor fields only: what a policy reads)."""
+    return StepState(**{k: v[row:row + 1] for k, v in vars(state).items() if isinstance(v, torch.Tensor)})
+
+
 def hand_state(confidence: list[float], masked: list[bool], **extra) -> StepState:
     conf = torch.tensor([confidence], dtype=torch.float64)
     return StepState(confidence=conf, margin=conf, entropy=1 - conf, prediction=torch.arange(len(confidence))[None],
@@ -70,8 +75,7 @@ def test_rows_are_independent(batch: int) -> None:
     for policy in POLICIES:
         together = policy(state)
         for row in range(batch):
-            alone = StepState(**{k: v[row:row + 1] for k, v in vars(state).items() if isinstance(v, torch.Tensor)})
-            assert torch.equal(policy(alone)[0], together[row]), (policy, row)
+            assert torch.equal(policy(state_row(state, row))[0], together[row]), (policy, row)
 
 
 def test_fixed_quota_follows_the_linear_schedule() -> None:

@@ -21,8 +21,9 @@ class MemoryPlan:
     kv_cache: int
     """Keys and values of every layer for every batch slot (0 without a cache)."""
     step: int
-    """The largest transient tensors of one step: a full pass's activations, the block's logits and their statistics
-    (float64 distributions where a policy reads margin or entropy)."""
+    """The largest tensors of one step: a full pass's activations, the block's logits and their statistics (float32
+    exponentials, whose memory the runner keeps from step to step, and float64 distributions where a policy reads
+    margin or entropy)."""
 
     @property
     def total(self) -> int:
@@ -39,7 +40,7 @@ def plan_memory(config: LLaDAConfig, cfg: DecodeConfig, slots: int, longest_prom
         kv_cache = 2 * config.n_layers * slots * config.n_kv_heads * (width + 1) * config.head_dim * item
     rows = slots * (2 if cfg.cfg_scale else 1)  # guidance runs a second pass per row
     activations = rows * width * (4 * config.d_model + 3 * config.mlp_hidden_size) * item
-    logits = rows * cfg.block_length * config.vocab_size * (item + 2 * 8)
+    logits = rows * cfg.block_length * config.vocab_size * (item + 4 + 2 * 8)
     return MemoryPlan(kv_cache, activations + logits)
 
 

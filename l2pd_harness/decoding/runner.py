@@ -25,6 +25,27 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     return (logits64.exp() / (-noise.log()) ** temperature).argmax(dim=-1)
 
 
+def row_max(values: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, argmax)`` over the last dimension, the first index among ties: what ``values.max(-1)`` gives.
+
+    Found as the largest of ``chunk``-wide maxima, then the index within the winning chunk, because torch's CPU
+    max-with-index is not vectorised along a long row (at a 126k vocabulary it cost most of a step's statistics);
+    the maxima of chunks are, and the rest works on ``[..., V / chunk]`` and ``[..., chunk]``.
+    """
+    width = values.shape[-1] // chunk * chunk
+    if width == 0:
+        return values.max(dim=-1)
+    chunk_max = values[..., :width].unflatten(-1, (width // chunk, chunk)).amax(-1)  # [..., V // chunk]
+    best, chunk_index = chunk_max.max(dim=-1)  # [...] each
+    columns = chunk_index[..., None] * chunk + torch.arange(chunk, device=values.device)  # [..., chunk]
+    index = chunk_index * chunk + values.gather(-1, columns).argmax(-1)  # [...]
+    if width < values.shape[-1]:
+        tail_best, tail_index = values[..., width:].max(dim=-1)  # [...] each
+        later = tail_best > best  # strictly larger: a tie keeps the earlier index
+        best, index = torch.where(later, tail_best, best), torch.where(later, tail_index + width, index)
+    return best, index
+
+
 def choose_tokens(logits: torch.Tensor, mask_id: int, temperature: float, generator: torch.Generator | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prediction, top)``, each ``[B, L]``: the argmax (or :func:`gumbel_argmax`) over every token but the mask
@@ -34,16 +55,18 @@ def choose_tokens(logits: torch.Tensor, mask_id: int, temperature: float, genera
     mask_logit = logits[..., mask_id].clone()  # [B, L]
     logits[..., mask_id] = float("-inf")
     if temperature == 0:
-        best, prediction = logits.max(dim=-1)
+        best, prediction = row_max(logits)
     else:
         prediction, best = gumbel_argmax(logits, temperature, generator), logits.amax(dim=-1)
     logits[..., mask_id] = mask_logit
     return prediction, torch.maximum(best, mask_logit)
 
 
-def confidence_of(logits: torch.Tensor, prediction: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+def confidence_of(logits: torch.Tensor, prediction: torch.Tensor, top: torch.Tensor,
+                  workspace: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, L]`` float64: the probability ``softmax(logits)`` gives each ``prediction [B, L]``, given each
-    position's largest logit ``top [B, L]``.
+    position's largest logit ``top [B, L]``. ``workspace``, a float32 tensor of ``logits``' shape, holds the
+    exponentials when given (a ``[B, L, V]`` tensor made fresh on every step costs its page faults on a CPU).
 
     The exponentials are taken in float32 against ``top``, and the chosen token's term is kept apart from the sum
     of the others, so a confident position keeps its distance from 1 (``1 - p`` is the others' share). This ranks
@@ -51,7 +74,7 @@ def confidence_of(logits: torch.Tensor, prediction: torch.Tensor, top: torch.Ten
     exactly 1.0) to about 1e-7 relative, and reads a ``[B, L, V]`` tensor three times in float32 instead of making
     two float64 copies of it: at a 126k vocabulary the largest cost of a step's statistics.
     """
-    scaled = torch.sub(logits, top[..., None].float()).exp_()  # [B, L, V] float32, whatever the logits' dtype
+    scaled = torch.sub(logits, top[..., None].float(), out=workspace).exp_()  # [B, L, V] float32
     chosen = scaled.gather(-1, prediction[..., None]).squeeze(-1).double()  # [B, L]
     others = scaled.scatter_(-1, prediction[..., None], 0.0).sum(-1).double()  # [B, L]
     return chosen / (chosen + others)
@@ -100,6 +123,7 @@ class ModelRunner:
         self.mask_id, self.pad_id = model.config.mask_token_id, model.config.eos_token_id
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.exponentials = torch.empty(0, dtype=torch.float32, device=self.device)  # [B * L * V], largest step so far
         self.cache = None
         if cfg.cache != "none":
             self.cache = KVCache(model.config, cfg.batch_size, next(model.parameters()).dtype, self.device)
@@ -124,6 +148,12 @@ class ModelRunner:
                 for i, count in zip(group, group_computed, strict=True):
                     computed[i] = count
         return self._decide(rows, batch, logits, computed)
+
+    def _workspace(self, shape: torch.Size) -> torch.Tensor:
+        """A float32 tensor of ``shape`` for :func:`confidence_of`, the same memory from step to step."""
+        if self.exponentials.numel() < shape.numel():
+            self.exponentials = torch.empty(shape.numel(), dtype=torch.float32, device=self.device)
+        return self.exponentials[: shape.numel()].view(shape)
 
     def _block_columns(self, block_start: torch.Tensor) -> torch.Tensor:
         """``[B, block_length]`` column of each block position given each row's ``block_start [B]``."""
@@ -165,7 +195,7 @@ class ModelRunner:
         live = columns < batch.lengths[:, None]  # [B, L]: false past a truncated canvas's end
         block_tokens = batch.ids.gather(1, columns.clamp(max=batch.ids.shape[1] - 1))  # [B, L]
         prediction, top = choose_tokens(logits, self.mask_id, self.cfg.temperature, self.generator)  # [B, L] each
-        confidence = confidence_of(logits, prediction, top)  # [B, L]
+        confidence = confidence_of(logits, prediction, top, self._workspace(logits.shape))  # [B, L]
         reference = None
         if rows[0].reference is not None:
             reference = torch.stack([r.reference for r in rows])

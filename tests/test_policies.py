@@ -52,9 +52,10 @@ def hand_state(confidence: list[float], masked: list[bool], **extra) -> StepStat
 
 POLICIES = [FixedQuota(4), FixedQuota(4, "random"), Threshold(0.9), Threshold(0.5), Factor(1.0), Factor(0.3),
             Oracle(), Learned(lambda state: state.confidence.sqrt(), 0.5),
-            Learned(lambda state: state.confidence.sqrt(), 0.9, FixedSchedule(16, 16))]
+            Learned(lambda state: state.confidence.sqrt(), 0.9, FixedSchedule(16, 16)),
+            Learned(lambda state: 1 - state.confidence, 0.9, threshold=0.95)]
 POLICY_IDS = ["fixed-4", "fixed-4-random", "threshold-0.9", "threshold-0.5", "factor-1", "factor-0.3", "oracle",
-              "learned-0.5", "learned-paper-0.9"]
+              "learned-0.5", "learned-paper-0.9", "learned-with-threshold"]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -171,6 +172,21 @@ def test_paper_rule_commits_the_schedules_token_even_when_the_filter_accepts_oth
     assert Learned(lambda s: 1 - s.confidence, 0.5)(state).tolist() == [[True, False, False, False]]
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+def test_with_threshold_commits_what_the_filter_or_the_threshold_accepts(batch: int) -> None:
+    state = synthetic_state(batch)
+    union = Learned(lambda s: s.margin, 0.7, threshold=0.8)(state)
+    either = ((state.margin > 0.7) | (state.confidence > 0.8)) & state.masked
+    fallback = top_k_commit(state.confidence, state.masked, torch.ones(batch, dtype=torch.long))
+    assert torch.equal(union, either | (fallback & ~either.any(-1, keepdim=True)))
+
+
+def test_with_threshold_adds_confident_positions_the_filter_rejects() -> None:
+    state = hand_state([0.2, 0.97, 0.6, 0.99], [True, True, True, False])
+    trusts_low = Learned(lambda s: 1 - s.confidence, 0.5, threshold=0.95)  # accepts position 0 only
+    assert trusts_low(state).tolist() == [[True, True, False, False]]  # the threshold adds 1; 3 is committed
+
+
 def test_build_policy_from_config() -> None:
     assert build_policy(DecodeConfig(gen_length=64, steps=16)) == FixedQuota(8, "low_confidence")
     assert build_policy(DecodeConfig(policy="threshold", threshold=0.7)) == Threshold(0.7)
@@ -184,6 +200,8 @@ def test_build_policy_from_config() -> None:
     paper = DecodeConfig(policy="learned", accept_threshold=0.96, learned_commit="with_schedule", gen_length=64,
                          steps=16)
     assert build_policy(paper, learned_filter=trust_margin) == Learned(trust_margin, 0.96, FixedSchedule(32, 8))
+    either = DecodeConfig(policy="learned", accept_threshold=0.9, learned_commit="with_threshold", threshold=0.99)
+    assert build_policy(either, learned_filter=trust_margin) == Learned(trust_margin, 0.9, threshold=0.99)
     with pytest.raises(ValueError, match="policy 'learned' needs a trained filter"):
         build_policy(DecodeConfig(policy="learned"))
 

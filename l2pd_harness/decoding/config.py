@@ -9,7 +9,7 @@ from l2pd_harness.decoding.policies import POLICIES
 
 REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual")
-LEARNED_COMMITS = ("accepted", "with_schedule")
+LEARNED_COMMITS = ("accepted", "with_schedule", "with_threshold")
 EOTP_MODES = ("fill", "truncate")
 PRESETS = {
     "learn2pd-paper": {"policy": "learned", "learned_commit": "with_schedule", "eotp": True, "eotp_mode": "truncate",
@@ -42,7 +42,8 @@ class DecodeConfig:
     remasking: str = "low_confidence"
     """``fixed`` only: which masked positions get a step's quota: the most confident, or random ones."""
     threshold: float = 0.9
-    """``threshold``: commit every masked position whose confidence exceeds this (at least one per step)."""
+    """``threshold``: commit every masked position whose confidence exceeds this (at least one per step); also
+    ``learned`` with learned_commit with_threshold."""
     factor: float = 1.0
     """``factor``: commit the n most confident positions while (n + 1) * (1 - c_n) < factor (at least one)."""
     filter: str | None = None
@@ -53,8 +54,9 @@ class DecodeConfig:
     the filter's own default, chosen on validation problems."""
     learned_commit: str = "accepted"
     """``learned``: what a pass commits: accepted (the positions the filter accepts, or the most confident one if
-    none) or with_schedule (the Learn2PD paper's: the accepted positions together with the k most confident masked
-    ones, k = block_length / (steps per block) as in ``fixed``, so 1 when steps = gen_length)."""
+    none), with_schedule (the Learn2PD paper's: the accepted positions together with the k most confident masked
+    ones, k = block_length / (steps per block) as in ``fixed``, so 1 when steps = gen_length) or with_threshold
+    (the accepted positions together with every masked one whose confidence exceeds ``threshold``, at least one)."""
     eotp: bool = False
     """End-of-Text Prediction: once end-of-text is committed, no pass decodes the canvas after it (eotp_mode says
     how)."""

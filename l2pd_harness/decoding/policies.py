@@ -149,15 +149,19 @@ class Oracle:
 @dataclass(frozen=True)
 class Learned:
     """Learn2PD: ``filter(state) -> [B, L]`` probability that each position's prediction is already final;
-    the masked positions above ``accept_threshold`` are committed: with ``schedule`` (the paper's rule) together
-    with the schedule's commits, without it at least one (the most confident)."""
+    the masked positions above ``accept_threshold`` are committed, with ``threshold`` together with every masked
+    position whose confidence exceeds it; with ``schedule`` (the paper's rule) together with the schedule's
+    commits, without it at least one (the most confident)."""
 
     filter: Filter
     accept_threshold: float
     schedule: FixedSchedule | None = None
+    threshold: float | None = None
 
     def __call__(self, state: StepState) -> torch.Tensor:
         accepted = self.filter(state) > self.accept_threshold  # [B, L]
+        if self.threshold is not None:
+            accepted |= state.confidence > self.threshold
         if self.schedule is None:
             return at_least_one(accepted, state)
         return (accepted & state.masked) | self.schedule(state)
@@ -165,7 +169,8 @@ class Learned:
 
 def build_learned(cfg: DecodeConfig, learned: Filter) -> Learned:
     schedule = FixedSchedule(cfg.block_length, cfg.steps_per_block) if cfg.learned_commit == "with_schedule" else None
-    return Learned(learned, cfg.accept_threshold, schedule)
+    threshold = cfg.threshold if cfg.learned_commit == "with_threshold" else None
+    return Learned(learned, cfg.accept_threshold, schedule, threshold)
 
 
 @dataclass(frozen=True)

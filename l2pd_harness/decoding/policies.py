@@ -148,10 +148,10 @@ class Oracle:
 
 @dataclass(frozen=True)
 class Learned:
-    """Learn2PD: ``filter(state) -> [B, L]`` probability that each position's prediction is already final;
-    the masked positions above ``accept_threshold`` are committed, with ``threshold`` together with every masked
-    position whose confidence exceeds it; with ``schedule`` (the paper's rule) together with the schedule's
-    commits, without it at least one (the most confident)."""
+    """Learn2PD: ``filter(state) -> [B, L]`` probability that each position's prediction is already final. A pass
+    commits the masked positions above ``accept_threshold`` and, given ``threshold``, every masked position whose
+    confidence exceeds it; with ``schedule`` (the paper's rule) together with the schedule's commits, without it at
+    least one (the most confident)."""
 
     filter: Filter
     accept_threshold: float

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The base-model training that 2 CPU cores cannot do, in under 12 minutes on one H100/H200: fine-tune the last
-# committed checkpoint (results/tiny-model/candidate-pairsum, the CPU fine-tune that started pairsum, unless INIT
+# committed checkpoint (results/tiny-model/pairsum-copy, the CPU fine-tune on pairsum with partners listed, unless INIT
 # names another) on arith, listops and pairsum (pairsum weighted 3, arith 2: the CPU run lost arith points), with more
 # long padded canvases (EoTP at gen 1024) and half the samples masked block-wise as a block-32 decode sees them (what
 # took arith from 71% to 97% at block 32 on the CPU), then measure the one-token reference on 500 held-out problems
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RESULTS="${OUT:-runs/gpu-train}"
-INIT="${INIT:-results/tiny-model/candidate-pairsum}"
+INIT="${INIT:-results/tiny-model/pairsum-copy}"
 DEVICE="${DEVICE:-cuda}"; STEPS="${STEPS:-8000}"; TOKENS="${TOKENS:-65536}"; N="${N:-500}"
 PY=$(command -v python3 || command -v python)
 l2pd() { "$PY" -m l2pd_harness.cli "$@"; }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,24 +38,27 @@ def test_graders() -> None:
 
 def test_pairsum_grader_accepts_every_valid_pair_and_nothing_else() -> None:
     pairsum = get_task("pairsum")
-    problem = {"question": "Which two of the numbers 3, 14, 8, 6, 11 and 20 add up to 17?", "answer": "3 + 14 = 17"}
-    for answer in ("3 + 14 = 17", "14 + 3 = 17", "6 + 11 = 17", " 11 + 6 = 17 "):
+    problem = {"question": "Which two of the numbers (3, 14), (11, 6) and (9, 8) add up to 17?",
+               "answer": "3 + 14 = 17"}
+    for answer in ("3 + 14 = 17", "14 + 3 = 17", "6 + 11 = 17", " 11 + 6 = 17 ", "8 + 9 = 17"):
         assert pairsum.grade(answer, problem), answer
-    for answer in ("3 + 11 = 17", "3 + 14 = 18", "8 + 9 = 17", "17", "3 + 14 = 17 #### 17", "", "14 + 3"):
+    for answer in ("3 + 11 = 17", "3 + 14 = 18", "9 + 9 = 17", "17", "3 + 14 = 17 #### 17", "", "14 + 3"):
         assert not pairsum.grade(answer, problem), answer
-    assert not pairsum.grade("4 + 4 = 8", {"question": "Which two of the numbers 4, 1 and 7 add up to 8?"})
+    assert not pairsum.grade("4 + 4 = 8", {"question": "Which two of the numbers (4, 4) and (1, 7) add up to 8?"})
+    # A sum of two listed numbers from different pairs is not one of the listed pairs.
+    assert not pairsum.grade("3 + 6 = 9", {"question": "Which two of the numbers (3, 14) and (6, 11) add up to 9?"})
 
 
 def test_pairsum_problems_have_several_valid_answers() -> None:
     pairsum = get_task("pairsum")
     lengths = set()
     for problem in sample_problems("pairsum", "train", 300, seed=2):
-        listed = [int(n) for n in problem["question"].split("numbers ")[1].split(" add")[0]
-                  .replace(" and", ",").split(", ")]
+        pairs = [(int(a), int(b)) for a, b in re.findall(r"\((\d+), (\d+)\)", problem["question"])]
+        listed = [n for pair in pairs for n in pair]
         target = int(problem["question"].rstrip("?").split()[-1])
-        valid = [(a, b) for a in listed for b in listed if a != b and a + b == target]
-        assert len(valid) >= 4 and len(listed) == len(set(listed))  # two pairs or more, each in either order
-        assert {a for a, _ in valid} == set(listed)  # every number starts a valid answer
+        valid = [(a, b) for a, b in pairs + [(b, a) for a, b in pairs]]
+        assert len(pairs) >= 2 and len(listed) == len(set(listed))  # two pairs or more, each in either order
+        assert all(a + b == target for a, b in pairs)  # every number starts a valid answer
         assert all(pairsum.grade(f"{a} + {b} = {target}", problem) for a, b in valid)
         assert pairsum.grade(problem["answer"], problem)
         lengths.add(len(problem["answer"].split()[0]) + len(problem["answer"].split()[2]))
@@ -127,7 +131,7 @@ def test_pairsum_lm_eval_task_reads_its_data_and_accepts_any_valid_pair() -> Non
     assert "pairsum" in known_tasks()
     docs = load_pairsum()["test"]
     assert len(docs) == 500 and list(docs) == sample_problems("pairsum", "test", 500, seed=123)
-    doc = {"question": "Which two of the numbers 3, 14, 8, 6, 11 and 20 add up to 17?", "answer": "3 + 14 = 17"}
+    doc = {"question": "Which two of the numbers (3, 14), (11, 6) and (9, 8) add up to 17?", "answer": "3 + 14 = 17"}
     assert valid_pair(doc, ["11 + 6 = 17"]) == {"exact_match": 1.0}
     assert valid_pair(doc, ["3 + 11 = 17"]) == {"exact_match": 0.0}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from l2pd_harness.tasks import get_task, sample_problems, split_of
+from l2pd_harness.tasks.pairsum import PAIR
 from l2pd_harness.training import base
 from l2pd_harness.training.base import BaseTrainConfig, train_base
 
@@ -53,10 +53,10 @@ def test_pairsum_problems_have_several_valid_answers() -> None:
     pairsum = get_task("pairsum")
     lengths = set()
     for problem in sample_problems("pairsum", "train", 300, seed=2):
-        pairs = [(int(a), int(b)) for a, b in re.findall(r"\((\d+), (\d+)\)", problem["question"])]
+        pairs = [(int(a), int(b)) for a, b in PAIR.findall(problem["question"])]
         listed = [n for pair in pairs for n in pair]
         target = int(problem["question"].rstrip("?").split()[-1])
-        valid = [(a, b) for a, b in pairs + [(b, a) for a, b in pairs]]
+        valid = pairs + [(b, a) for a, b in pairs]
         assert len(pairs) >= 2 and len(listed) == len(set(listed))  # two pairs or more, each in either order
         assert all(a + b == target for a, b in pairs)  # every number starts a valid answer
         assert all(pairsum.grade(f"{a} + {b} = {target}", problem) for a, b in valid)

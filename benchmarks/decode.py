@@ -49,7 +49,7 @@ from l2pd_harness.settings import coerce, decode_setup, make_config
 from l2pd_harness.tasks import TASKS, sample_problems
 
 HERE = Path(__file__).resolve().parent
-KNOB_SETTINGS = {"threshold": "threshold", "factor": "factor", "learned": "accept_threshold"}
+KNOB_SETTINGS = {"threshold": "threshold", "isolated": "threshold", "factor": "factor", "learned": "accept_threshold"}
 """The setting each policy's knob (:attr:`Run.knob`) sets."""
 
 
@@ -61,7 +61,7 @@ class Run:
     eotp: bool
     cache: str
     knob: float | None = None
-    """threshold, factor, or the learned policy's accept threshold."""
+    """threshold (of threshold and isolated), factor, or the learned policy's accept threshold."""
     filter: str | None = None
     """learned: the filter's label (``--filters NAME=PATH``)."""
     preset: str | None = None
@@ -302,7 +302,7 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[Run], dict[str, str 
     eotps = [coerce("--eotp", value, bool) for value in args.eotp.split(",")]
     filters = filter_paths(args.filters) if "learned" in policies else {}
     cards = {name: load_filter(path, args.model, args.block_length).card for name, path in filters.items()}
-    knobs = {"threshold": args.thresholds, "factor": args.factors,
+    knobs = {"threshold": args.thresholds, "isolated": args.thresholds, "factor": args.factors,
              **{name: args.accept_thresholds or [card.accept_threshold] for name, card in cards.items()}}
     presets = tuple(None if name == "none" else name for name in names("--presets", args.presets,
                                                                         ("none", *PRESETS)))

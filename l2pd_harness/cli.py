@@ -30,6 +30,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 positive_int = argument_type("value", int, positive=True)
+
+
+def probability(text: str) -> float:
+    """An argparse ``type``: a number in [0, 1]."""
+    value = argument_type("value", float)(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"value={value} must be in [0, 1]")
+    return value
+
+
 MODEL_HELP = "checkpoint directory or hub id in the local HF cache (default: the shipped tiny model)"
 
 
@@ -300,19 +310,26 @@ def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="trace directory")
     p.add_argument("--trajectory", default="oracle", choices=TRAJECTORIES,
                    help="whose decode the steps come from: the reference itself, the oracle (commit what already "
-                        "matches), or a trained filter's (learned, needs --filter) (oracle)")
+                        "matches), a trained filter's (learned, needs --filter), or a --threshold decode whose "
+                        "left-over positions are labelled by rollout: does committing one now keep the answer "
+                        "correct (rollout) (oracle)")
+    p.add_argument("--rollouts-per-pass", type=positive_int, default=3,
+                   help="rollout: candidate positions labelled per pass, the most confident ones left (3)")
+    p.add_argument("--rollout-min-confidence", type=probability, default=0.2,
+                   help="rollout: lowest confidence of a candidate position (0.2)")
     p.add_argument("--references", type=Path, action="append", default=None,
                    help="an earlier reference decode of the same problems (`l2pd generate --steps GEN_LENGTH` "
                         "output at this --gen-length, tasks in --task order; repeat per file), instead of decoding "
                         "them again")
     add_config_options(p, DecodeConfig, ("gen_length", "block_length", "batch_size", "cache", "eotp", "filter",
-                                         "accept_threshold"), defaults={"eotp": True, "batch_size": 32})
+                                         "accept_threshold", "threshold"), defaults={"eotp": True, "batch_size": 32})
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.set_defaults(func=run_collect_traces)
 
 
 def run_collect_traces(args: argparse.Namespace) -> None:
+    from l2pd_harness.filter.rollouts import collect_rollouts
     from l2pd_harness.filter.traces import collect, save_traces, trace_meta
     from l2pd_harness.loading import load_model
     from l2pd_harness.settings import decode_setup
@@ -323,7 +340,10 @@ def run_collect_traces(args: argparse.Namespace) -> None:
     problems = [row for task in tasks for row in sample_problems(task, "train", args.n, args.data_seed)]
     if args.trajectory == "reference" and (args.cache != "none" or args.references):
         raise UsageError("--trajectory reference records the reference decode itself: no --cache, no --references")
-    policy = {"reference": "fixed", "oracle": "oracle", "learned": "learned"}[args.trajectory]
+    if args.trajectory == "rollout" and args.references:
+        raise UsageError("--trajectory rollout labels by rollout, not against reference decodes: no --references")
+    policy = {"reference": "fixed", "oracle": "oracle", "learned": "learned",
+              "rollout": "threshold"}[args.trajectory]
     values = {**option_values(args, DecodeConfig), "policy": policy,
               "eotp": args.eotp and args.trajectory != "reference"}
     cfg, policy_fn = decode_setup(values, args.model)
@@ -336,12 +356,20 @@ def run_collect_traces(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model, device=args.device)
     for path, rows in files.items():
         check_canvases([row.get("canvas") for row in rows], path, model.config.vocab_size, cfg.gen_length)
-    steps, rows = collect(model, tokenizer, problems, cfg, args.trajectory, references, policy_fn)
-    meta = trace_meta(args.model, cfg, args.trajectory, tasks, args.data_seed, steps, rows)
+    rollout = None
+    if args.trajectory == "rollout":
+        steps, rows = collect_rollouts(model, tokenizer, problems, cfg, args.rollouts_per_pass,
+                                       args.rollout_min_confidence)
+        rollout = {"threshold": cfg.threshold, "rollouts_per_pass": args.rollouts_per_pass,
+                   "rollout_min_confidence": args.rollout_min_confidence}
+    else:
+        steps, rows = collect(model, tokenizer, problems, cfg, args.trajectory, references, policy_fn)
+    meta = trace_meta(args.model, cfg, args.trajectory, tasks, args.data_seed, steps, rows, rollout)
     save_traces(out, steps, rows, meta)
+    labelled = steps.get("labelled", steps["masked"])
     print(json.dumps({"out": str(out), "steps": meta.steps, "problems": meta.problems,
-                      "masked_positions": int(steps["masked"].sum()),
-                      "final_share": round(float(steps["label"][steps["masked"]].float().mean()), 4),
+                      "labelled_positions": int(labelled.sum()),
+                      "positive_share": round(float(steps["label"][labelled].float().mean()), 4),
                       "reference_accuracy": meta.reference_accuracy}))
 
 

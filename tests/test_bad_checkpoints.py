@@ -167,7 +167,7 @@ def test_a_consistent_trace_directory_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("meta", "expected"), [
     ({"block_length": "abc"}, "block_length='abc' is not an integer"),
     ({"tasks": "arith"}, "tasks='arith' must be a JSON array"),
-    ({"trajectory": "greedy"}, "trajectory='greedy' is not one of ['reference', 'oracle', 'learned']"),
+    ({"trajectory": "greedy"}, "trajectory='greedy' is not one of ['reference', 'oracle', 'learned', 'rollout']"),
     ({"cache": "paged"}, "cache='paged' is not one of"),
     ({"block_length": 3}, "gen_length"),
     ({"colour": 1}, "unknown settings ['colour']"),

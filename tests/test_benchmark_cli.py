@@ -47,7 +47,8 @@ def error_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--policies", "fixed,greedy"], "--policies: unknown ['greedy'] (choose from ['factor', 'fixed', 'learned', "),
+    (["--policies", "fixed,greedy"], "--policies: unknown ['greedy'] (choose from ['factor', 'fixed', "
+                                      "'isolated', 'learned', "),
     (["--caches", "none,full"], "--caches: unknown ['full'] (choose from ['dual', 'none', 'prefix'])"),
     (["--tasks", "arith,gsm9k"], "--tasks: unknown ['gsm9k'] (choose from ['arith', "),
     (["--eotp", "no,maybe"], "--eotp='maybe' is not a boolean"),

@@ -82,7 +82,7 @@ def test_single_prompt_prints_json(capsys, random_checkpoint: Path) -> None:
     (["--batch-size", "0"], "batch_size=0 must be a positive integer"),
     (["--gen-length", "x"], "argument --gen-length: gen_length='x' is not an integer"),
     (["--policy", "foo"], "argument --policy: invalid choice: 'foo' (choose from 'fixed', 'threshold', "
-                          "'factor', 'oracle', 'learned')"),
+                          "'factor', 'isolated', 'oracle', 'learned')"),
     (["--policy", "threshold", "--threshold", "1.5"], "threshold=1.5 must be in (0, 1]"),
     (["--cache", "ring"], "argument --cache: invalid choice: 'ring' (choose from 'none', 'prefix', 'dual')"),
     (["--policy", "oracle"], "--policy oracle needs --references FILE"),

@@ -162,6 +162,7 @@ SETTINGS = [
     {"policy": "threshold", "threshold": 0.3, "eotp": True},
     {"policy": "threshold", "threshold": 0.3, "eotp": True, "cache": "prefix"},
     {"policy": "factor", "factor": 2.0, "cache": "dual", "eotp": True},
+    {"policy": "isolated", "threshold": 0.6, "isolated_threshold": 0.1, "eotp": True, "cache": "prefix"},
     {"policy": "threshold", "threshold": 0.3, "eotp": True, "eotp_mode": "truncate"},
     {"policy": "fixed", "steps": 8, "eotp": True, "eotp_mode": "truncate", "cache": "dual"},
 ]
@@ -228,6 +229,22 @@ def test_oracle_commits_exactly_the_predictions_that_match_its_references(model)
     assert steps_with_matches
     with pytest.raises(ValueError, match="policy 'oracle' needs references"):
         decode(model, PROMPTS[:1], policy="oracle")
+
+
+def test_each_row_knows_its_request_and_block(model) -> None:
+    """With more requests than slots (rows change as requests finish), every row's ``request_id`` and ``block``
+    are those of the request the scheduler put there."""
+    seen = []
+
+    def check(scheduled, output) -> None:
+        state = output.state
+        assert state.request_id.tolist() == output.request_ids == [r.request_id for r in scheduled.requests]
+        assert state.block.tolist() == [(r.block_start - r.prompt_length) // 8 for r in scheduled.requests]
+        seen.extend(state.block.tolist())
+
+    cfg = DecodeConfig(gen_length=32, block_length=8, batch_size=2, policy="threshold", threshold=0.5)
+    list(Engine(model, cfg).stream(PROMPTS, on_step=check))
+    assert set(seen) == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

@@ -197,7 +197,7 @@ def test_fit_learns_a_separable_rule() -> None:
     confidence = torch.rand(2000, L, generator=gen)
     masked = torch.rand(2000, L, generator=gen) < 0.8
     features = block_features(("confidence",), confidence, confidence, confidence, masked)
-    data = TraceData(features, (confidence > 0.8).float(), masked, torch.arange(2000) % 5 == 0, [], [])
+    data = TraceData(features, (confidence > 0.8).float(), masked, masked, torch.arange(2000) % 5 == 0, [], [])
     torch.manual_seed(0)  # before the network is built: its initial weights must not depend on earlier tests
     net = FilterNet(FilterConfig("block_mlp", block_length=L, hidden_size=16))
     log = fit(net, data, FilterTrainConfig(lr=2e-2, batch_size=64, max_epochs=30, class_weight=False, seed=0))

@@ -43,7 +43,7 @@ def test_lm_eval_values_are_coerced(random_checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("arg_string, message", [
-    ("policy=foo", r"policy='foo' is not one of \['fixed', 'threshold', 'factor', 'oracle', 'learned'\]"),
+    ("policy=foo", r"policy='foo' is not one of \['fixed', 'threshold', 'factor', 'isolated', 'oracle', 'learned'\]"),
     ("threshold=abc", "threshold='abc' is not a number"),
     ("gen_length=64.5", "gen_length=64.5 is not an integer"),
     ("eotp=maybe", r"eotp='maybe' is not a boolean \(use one of"),
@@ -55,7 +55,7 @@ def test_lm_eval_values_are_coerced(random_checkpoint: Path) -> None:
     ("colour=red", r"unknown model_args \['colour'\] for l2pd; known: \['accept_threshold', 'batch_size'"),
     ("batch_size=auto", "automatic batch sizes are not supported"),
     ("policy=oracle", r"policy='oracle' decodes toward a reference output .* use one of \['fixed', 'threshold', "
-                      r"'factor', 'learned'\]"),
+                      r"'factor', 'isolated', 'learned'\]"),
     ("device=foo", r"device 'foo' is not one of \['cpu'"),
 ])
 def test_bad_model_args_name_the_value(random_checkpoint: Path, arg_string: str, message: str) -> None:
@@ -178,6 +178,6 @@ def test_stock_cli_reports_bad_model_args_in_one_line(tmp_path: Path) -> None:
     result = lm_eval_cli("--model_args", "policy=foo", "--limit", "1")
     assert result.returncode == 1  # lm-eval's own convention for a usage error
     assert result.stderr.splitlines()[-1] == ("lm_eval --model l2pd: error: policy='foo' is not one of ['fixed', "
-                                              "'threshold', 'factor', 'oracle', 'learned']")
+                                              "'threshold', 'factor', 'isolated', 'oracle', 'learned']")
     assert "Traceback" not in result.stderr
     assert "Traceback" not in result.stderr

@@ -12,6 +12,7 @@ from l2pd_harness.decoding.policies import (
     Factor,
     FixedQuota,
     FixedSchedule,
+    Isolated,
     Learned,
     Oracle,
     StepState,
@@ -51,11 +52,11 @@ def hand_state(confidence: list[float], masked: list[bool], **extra) -> StepStat
 
 
 POLICIES = [FixedQuota(4), FixedQuota(4, "random"), Threshold(0.9), Threshold(0.5), Factor(1.0), Factor(0.3),
-            Oracle(), Learned(lambda state: state.confidence.sqrt(), 0.5),
+            Isolated(0.9, 0.3), Oracle(), Learned(lambda state: state.confidence.sqrt(), 0.5),
             Learned(lambda state: state.confidence.sqrt(), 0.9, FixedSchedule(16, 16)),
             Learned(lambda state: 1 - state.confidence, 0.9, threshold=0.95)]
-POLICY_IDS = ["fixed-4", "fixed-4-random", "threshold-0.9", "threshold-0.5", "factor-1", "factor-0.3", "oracle",
-              "learned-0.5", "learned-paper-0.9", "learned-with-threshold"]
+POLICY_IDS = ["fixed-4", "fixed-4-random", "threshold-0.9", "threshold-0.5", "factor-1", "factor-0.3", "isolated",
+              "oracle", "learned-0.5", "learned-paper-0.9", "learned-with-threshold"]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -137,6 +138,16 @@ def test_factor_matches_a_plain_per_row_loop(batch: int) -> None:
         assert int(commit[row].sum()) == (max(count, 1) if conf else 0)
 
 
+def test_isolated_lowers_the_bar_only_between_settled_neighbours() -> None:
+    state = hand_state([0.4, 0.99, 0.5, 0.95, 0.7, 0.2, 0.8, 0.35], [True, False, True, True, False, True, False, True])
+    # 0: block start on its left, settled 1 on its right, 0.4 >= 0.3; 2: masked 3 beside it (settled only after this
+    # pass); 3: above 0.9; 5: isolated but below 0.3; 7: the next, masked block on its right.
+    assert Isolated(0.9, 0.3)(state).tolist() == [[True, False, False, True, False, False, False, False]]
+    assert Isolated(0.9, 0.2)(state).tolist() == [[True, False, False, True, False, True, False, False]]
+    lone = hand_state([0.1, 0.2], [True, True])
+    assert Isolated(0.9, 0.3)(lone).tolist() == [[False, True]]  # nothing qualifies: the most confident one
+
+
 def test_oracle_commits_exactly_the_matches() -> None:
     state = hand_state([0.1, 0.2, 0.3, 0.4], [True, True, True, False], reference=torch.tensor([[0, 9, 2, 3]]))
     assert Oracle()(state).tolist() == [[True, False, True, False]]  # position 3 matches but is committed
@@ -191,6 +202,7 @@ def test_build_policy_from_config() -> None:
     assert build_policy(DecodeConfig(gen_length=64, steps=16)) == FixedQuota(8, "low_confidence")
     assert build_policy(DecodeConfig(policy="threshold", threshold=0.7)) == Threshold(0.7)
     assert build_policy(DecodeConfig(policy="factor", factor=2.0)) == Factor(2.0)
+    assert build_policy(DecodeConfig(policy="isolated", threshold=0.95, isolated_threshold=0.4)) == Isolated(0.95, 0.4)
     assert isinstance(build_policy(DecodeConfig(policy="oracle")), Oracle)
     def trust_margin(state: StepState) -> torch.Tensor:
         return state.margin
@@ -221,9 +233,11 @@ def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"policy": "foo"}, r"policy='foo' is not one of \['fixed', 'threshold', 'factor', 'oracle', 'learned'\]"),
+    ({"policy": "foo"}, r"policy='foo' is not one of \['fixed', 'threshold', 'factor', 'isolated', 'oracle', "
+                       r"'learned'\]"),
     ({"cache": "ring"}, r"cache='ring' is not one of \['none', 'prefix', 'dual'\]"),
     ({"threshold": 1.5}, r"threshold=1.5 must be in \(0, 1\]"),
+    ({"isolated_threshold": 0.0}, r"isolated_threshold=0.0 must be in \(0, 1\]"),
     ({"factor": -1.0}, "factor=-1.0 must be > 0"),
     ({"policy": "learned", "accept_threshold": 1.0}, r"accept_threshold=1.0 must be in \(0, 1\)"),
     ({"accept_threshold": 0.9}, "filter and accept_threshold are only used by policy 'learned'"),
@@ -233,7 +247,8 @@ def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
     ({"eotp": True, "eotp_mode": "drop"}, r"eotp_mode='drop' is not one of \['fill', 'truncate'\]"),
     ({"preset": "fast"}, r"preset='fast' is not one of \['learn2pd-paper'\]"),
     *[({name: value, **({"policy": "learned"} if name == "accept_threshold" else {})}, f"{name}={value} must be a "
-       "finite number") for name in ("threshold", "factor", "temperature", "cfg_scale", "accept_threshold")
+       "finite number") for name in ("threshold", "isolated_threshold", "factor", "temperature", "cfg_scale",
+                                                      "accept_threshold")
       for value in (float("nan"), float("inf"))],
 ])
 def test_bad_settings_name_the_value(settings: dict, message: str) -> None:

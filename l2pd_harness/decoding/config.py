@@ -20,7 +20,7 @@ together with the fixed schedule's, and its End-of-Text Prediction that shortens
 CHOICES = {"policy": tuple(POLICIES), "remasking": REMASKING, "cache": CACHES, "learned_commit": LEARNED_COMMITS,
            "eotp_mode": EOTP_MODES, "preset": tuple(PRESETS)}
 """The allowed values of the fields that take a name (the command line offers them as choices)."""
-REAL_FIELDS = ("threshold", "factor", "temperature", "cfg_scale", "accept_threshold")
+REAL_FIELDS = ("threshold", "isolated_threshold", "factor", "temperature", "cfg_scale", "accept_threshold")
 """The fields that take a real number; nan passes every range comparison unrefused and inf wrecks the arithmetic
 mid-decode, so each must be finite."""
 
@@ -35,7 +35,8 @@ class DecodeConfig:
     """Positions per semi-autoregressive block; must divide ``gen_length``."""
     policy: str = "fixed"
     """Which masked positions of the block a forward pass commits: fixed (LLaDA's quota per step), threshold and
-    factor (Fast-dLLM's rules), oracle (what already equals a reference output), learned (a Learn2PD filter)."""
+    factor (Fast-dLLM's rules), isolated (threshold with a lower bar where both neighbours are settled), oracle
+    (what already equals a reference output), learned (a Learn2PD filter)."""
     steps: int | None = None
     """``fixed`` only: forward passes in total, spread evenly over the blocks; ``None`` means ``gen_length``
     (one token per step)."""
@@ -43,7 +44,10 @@ class DecodeConfig:
     """``fixed`` only: which masked positions get a step's quota: the most confident, or random ones."""
     threshold: float = 0.9
     """``threshold``: commit every masked position whose confidence exceeds this (at least one per step); also
-    ``learned`` with learned_commit with_threshold."""
+    ``isolated``, and ``learned`` with learned_commit with_threshold."""
+    isolated_threshold: float = 0.3
+    """``isolated``: also commit every masked position whose two neighbours are settled (committed, or the prompt
+    or a finished block on the left) and whose confidence is at least this."""
     factor: float = 1.0
     """``factor``: commit the n most confident positions while (n + 1) * (1 - c_n) < factor (at least one)."""
     filter: str | None = None
@@ -97,6 +101,8 @@ class DecodeConfig:
                 raise ValueError(f"{name}={value} must be a finite number")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
+        if not 0 < self.isolated_threshold <= 1:
+            raise ValueError(f"isolated_threshold={self.isolated_threshold} must be in (0, 1]")
         if self.accept_threshold is not None and not 0 < self.accept_threshold < 1:
             raise ValueError(f"accept_threshold={self.accept_threshold} must be in (0, 1)")
         if not POLICIES[self.policy].needs_filter and (self.filter is not None or self.accept_threshold is not None):

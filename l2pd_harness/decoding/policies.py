@@ -35,6 +35,11 @@ class StepState:
     """``[B, L]`` float in [0, 1): seeded random scores (``fixed`` with random remasking)."""
     reference: torch.Tensor | None = None
     """``[B, L]`` long: each row's reference output on the block (``oracle`` only)."""
+    request_id: torch.Tensor | None = None
+    """``[B]`` long: the request each row decodes (its index among the prompts), for rules with per-request
+    settings (a rollout's one forced commit)."""
+    block: torch.Tensor | None = None
+    """``[B]`` long: index of the block each row is decoding."""
     margin: torch.Tensor | None = None
     """``[B, L]`` float: top-1 minus top-2 probability at each block position (:meth:`spread`)."""
     entropy: torch.Tensor | None = None
@@ -69,6 +74,13 @@ def top_k_commit(score: torch.Tensor, candidates: torch.Tensor, quota: torch.Ten
     arange = torch.arange(order.shape[1], device=order.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, arange)  # rank[b, i]: place of position i in the order
     return (rank < quota[:, None]) & candidates
+
+
+def shifted(values: torch.Tensor, by: int, fill: float | bool) -> torch.Tensor:
+    """``values [B, L]`` moved ``by`` positions along the block (1: each position gets its left neighbour's value),
+    the positions moved in from outside the block set to ``fill``."""
+    edge = torch.full_like(values[:, :abs(by)], fill)
+    return torch.cat([edge, values[:, :-by]], dim=-1) if by > 0 else torch.cat([values[:, -by:], edge], dim=-1)
 
 
 def at_least_one(commit: torch.Tensor, state: StepState) -> torch.Tensor:
@@ -136,6 +148,25 @@ class Factor:
         return at_least_one(top_k_commit(state.confidence, state.masked, count), state)
 
 
+@dataclass(frozen=True)
+class Isolated:
+    """A confidence threshold with a lower bar for isolated positions: every masked position whose confidence
+    exceeds ``threshold``, and every masked one whose two neighbours are both settled and whose confidence is at
+    least ``isolated_threshold`` (at least one). Parallel decoding loses answers when neighbouring positions are
+    committed in one pass, each picking its most likely token without seeing the other's; a position between two
+    settled ones has no masked neighbour to disagree with, so it can be committed at a much lower confidence."""
+
+    threshold: float = 0.9
+    isolated_threshold: float = 0.3
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        settled = ~state.masked  # [B, L]
+        # Left of the block lies the prompt or a finished block (settled); right of it the next, still masked block.
+        isolated = shifted(settled, 1, fill=True) & shifted(settled, -1, fill=False)  # [B, L]
+        low_bar = isolated & (state.confidence >= self.isolated_threshold)
+        return at_least_one((state.confidence > self.threshold) | low_bar, state)
+
+
 class Oracle:
     """Commit exactly the masked positions whose prediction already equals the reference output (at least one):
     the upper bound a learned filter approximates, and its label source."""
@@ -190,6 +221,8 @@ POLICIES: dict[str, PolicySpec] = {
                         lambda s: f"{s['gen_length'] // s['steps']} tok/step"),
     "threshold": PolicySpec(lambda cfg, _: Threshold(cfg.threshold), lambda s: f"threshold {s['threshold']}"),
     "factor": PolicySpec(lambda cfg, _: Factor(cfg.factor), lambda s: f"factor {s['factor']}"),
+    "isolated": PolicySpec(lambda cfg, _: Isolated(cfg.threshold, cfg.isolated_threshold),
+                           lambda s: f"threshold {s['threshold']}, isolated {s['isolated_threshold']}"),
     "oracle": PolicySpec(lambda cfg, _: Oracle(), lambda s: "oracle"),
     "learned": PolicySpec(build_learned, lambda s: f"accept {s['accept_threshold']}", needs_filter=True),
 }

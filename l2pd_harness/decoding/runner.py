@@ -199,11 +199,15 @@ class ModelRunner:
         reference = None
         if rows[0].reference is not None:
             reference = torch.stack([r.reference for r in rows])
+        # One host-to-device copy for both per-row counters.
+        block_step, request_id = torch.tensor([(r.block_step, r.request_id) for r in rows],
+                                              device=self.device).unbind(-1)  # [B] each
         # Positions cut off the canvas read as settled and certain (margin and entropy, where read, are read only
         # at masked positions).
         state = StepState(confidence=confidence.masked_fill(~live, 1.0), prediction=prediction,
                           masked=live & (block_tokens == self.mask_id), logits=logits,
-                          block_step=torch.tensor([r.block_step for r in rows], device=self.device),
+                          block_step=block_step, request_id=request_id,
+                          block=(batch.block_start - batch.prompt_length) // self.cfg.block_length,
                           noise=torch.rand(confidence.shape, dtype=torch.float64, device=self.device,
                                            generator=self.generator),
                           reference=reference)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2pd_harness.decoding.policies import StepState
+from l2pd_harness.decoding.policies import StepState, shifted
 from l2pd_harness.files import read_json, read_tensors, save_tensors_atomic, write_atomic
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint, resolve_checkpoint
 from l2pd_harness.settings import SettingsError, coerce
@@ -112,13 +112,6 @@ def block_features(names: tuple[str, ...], confidence: torch.Tensor, margin: tor
         "right_settled": lambda: shifted(settled, -1, fill=False),
     }
     return torch.stack([columns[name]().float() for name in names], dim=-1)
-
-
-def shifted(values: torch.Tensor, by: int, fill: float | bool) -> torch.Tensor:
-    """``values [B, L]`` moved ``by`` positions along the block (1: each position gets its left neighbour's value),
-    the positions moved in from outside the block set to ``fill``."""
-    edge = torch.full_like(values[:, :abs(by)], fill)
-    return torch.cat([edge, values[:, :-by]], dim=-1) if by > 0 else torch.cat([values[:, -by:], edge], dim=-1)
 
 
 def confidence_rank(confidence: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,9 @@ from l2pd_harness.filter.model import FilterError
 from l2pd_harness.loading import model_fingerprint, resolve_checkpoint
 from l2pd_harness.settings import SettingsError, coerce_fields, make_config
 
-TRAJECTORIES = ("reference", "oracle", "learned")
+TRAJECTORIES = ("reference", "oracle", "learned", "rollout")
+"""Whose decode a trace records; ``rollout`` labels a threshold decode's positions by rollout
+(:mod:`l2pd_harness.filter.rollouts`)."""
 
 
 class TraceError(FilterError):
@@ -53,6 +55,12 @@ class TraceMeta:
     filter: str | None = None
     """``learned`` trajectory: the filter that chose the commits, and its accept threshold."""
     accept_threshold: float | None = None
+    threshold: float | None = None
+    """``rollout`` trajectory: the confidence threshold of its decodes (a filter trained on it serves beside it)."""
+    rollouts_per_pass: int | None = None
+    """``rollout`` trajectory: candidate positions labelled per pass."""
+    rollout_min_confidence: float | None = None
+    """``rollout`` trajectory: lowest confidence of a candidate position."""
     reference_accuracy: dict = field(default_factory=dict)
     """Per task: accuracy of the reference decode on these problems."""
 
@@ -72,11 +80,16 @@ class StepRecorder:
             "confidence": state.confidence.float().cpu(), "margin": margin.float().cpu(),
             "entropy": entropy.float().cpu(), "masked": state.masked.cpu(),
             "prediction": state.prediction.cpu(), "problem": torch.tensor(output.request_ids),
-            "offset": torch.tensor(block_offset), "block_step": state.block_step.cpu()})
+            "offset": torch.tensor(block_offset), "block_step": state.block_step.cpu(),
+            "commit": output.commit_mask.cpu()})
+
+    def merged(self) -> dict[str, torch.Tensor]:
+        """Every recorded step as ``[N, ...]`` tensors, in the order they were decoded."""
+        return {key: torch.cat([chunk[key] for chunk in self.chunks]) for key in self.chunks[0]}
 
     def steps(self, references: torch.Tensor, block_length: int) -> dict[str, torch.Tensor]:
         """Every recorded step as ``[N, ...]`` tensors, labelled against ``references [problems, gen_length]``."""
-        merged = {key: torch.cat([chunk[key] for chunk in self.chunks]) for key in self.chunks[0]}
+        merged = self.merged()
         columns = merged["offset"][:, None] + torch.arange(block_length)  # [N, L]
         target = references[merged["problem"][:, None], columns]  # [N, L]
         return {"confidence": merged["confidence"], "margin": merged["margin"], "entropy": merged["entropy"],
@@ -97,14 +110,16 @@ def reference_config(gen_length: int, block_length: int, batch_size: int) -> Dec
 
 
 def trace_meta(pretrained, cfg: DecodeConfig, trajectory: str, tasks: list[str], data_seed: int,
-               steps: dict[str, torch.Tensor], problems: list[dict]) -> TraceMeta:
-    """The ``meta.json`` of traces recorded by ``collect`` with ``cfg`` on the model ``pretrained``."""
+               steps: dict[str, torch.Tensor], problems: list[dict], rollout: dict | None = None) -> TraceMeta:
+    """The ``meta.json`` of traces recorded with ``cfg`` on the model ``pretrained`` (``rollout``: the rollout
+    fields, ``threshold`` included)."""
     accuracy = {task: round(sum(p["reference_correct"] for p in problems if p["task"] == task)
                             / sum(p["task"] == task for p in problems), 4) for task in tasks}
     return TraceMeta(base_model=model_fingerprint(resolve_checkpoint(pretrained)), trajectory=trajectory,
                      tasks=tasks, gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cfg.cache,
                      eotp=cfg.eotp, data_seed=data_seed, problems=len(problems), steps=len(steps["label"]),
-                     filter=cfg.filter, accept_threshold=cfg.accept_threshold, reference_accuracy=accuracy)
+                     filter=cfg.filter, accept_threshold=cfg.accept_threshold, reference_accuracy=accuracy,
+                     **(rollout or {}))
 
 
 def check_base_model(trace_dir: Path, pretrained) -> TraceMeta:
@@ -159,6 +174,9 @@ def trace_file(trace_dir: Path, name: str) -> Path:
 STEP_TENSORS = {"confidence": 2, "margin": 2, "entropy": 2, "masked": 2, "label": 2, "problem": 1, "block": 1}
 """The tensors of ``steps.safetensors`` that training reads, by number of dimensions: ``[N, block_length]``
 or ``[N]``."""
+OPTIONAL_STEP_TENSORS = {"labelled": 2}
+"""Read when present: ``labelled``, the positions whose label trains a filter (rollout traces; otherwise every
+masked position)."""
 PROBLEM_FIELDS = {"question": str, "prompt": str, "answer": str, "task": str, "reference_correct": bool,
                   "reference_canvas": list}
 """What validation decodes read of each row of ``problems.jsonl``, and its JSON type."""
@@ -205,7 +223,7 @@ def check_steps(trace_dir: Path, steps: dict[str, torch.Tensor], problems: list[
     if missing:
         raise TraceError(f"{where}: steps.safetensors lacks tensors {missing}")
     rows = len(steps["label"]) if steps["label"].dim() else 0
-    for name, dims in STEP_TENSORS.items():
+    for name, dims in {**STEP_TENSORS, **{k: v for k, v in OPTIONAL_STEP_TENSORS.items() if k in steps}}.items():
         expected = [rows, meta.block_length][:dims]
         if list(steps[name].shape) != expected:
             raise TraceError(f"{where}: steps.safetensors tensor {name!r} has shape {list(steps[name].shape)}, "

@@ -78,7 +78,8 @@ class TraceData:
 
     features: torch.Tensor  # [N, L, F]
     label: torch.Tensor  # [N, L] float
-    masked: torch.Tensor  # [N, L] bool: only these positions count
+    masked: torch.Tensor  # [N, L] bool: positions still masked (the features read the others as settled)
+    labelled: torch.Tensor  # [N, L] bool: only these positions' labels count (the masked ones, or a rollout's)
     validation: torch.Tensor  # [N] bool
     meta: list[TraceMeta]
     val_problems: list[dict]
@@ -91,12 +92,13 @@ def read_trace_dirs(dirs: list[Path], features: tuple[str, ...], held_out: Calla
     for trace_dir in dirs:
         steps, problems, meta = load_traces(trace_dir)
         held_out_rows = torch.tensor([held_out(p) for p in problems])  # [problems]
-        parts.append((block_features(features, steps["confidence"], steps["margin"], steps["entropy"],
-                                     steps["masked"].bool()), steps["label"].float(), steps["masked"].bool(),
+        masked = steps["masked"].bool()
+        parts.append((block_features(features, steps["confidence"], steps["margin"], steps["entropy"], masked),
+                      steps["label"].float(), masked, steps.get("labelled", masked).bool(),
                       held_out_rows[steps["problem"].long()]))
         metas.append(meta)
         val_problems.update({p["question"]: p for p, out in zip(problems, held_out_rows, strict=True) if out})
-    for key in ("base_model", "block_length", "gen_length", "cache"):
+    for key in ("base_model", "block_length", "gen_length", "cache", "threshold"):
         values = {getattr(m, key) for m in metas}
         if len(values) > 1:
             raise FilterError(f"trace directories disagree on {key}: {sorted(map(str, values))}")
@@ -107,7 +109,7 @@ def masked_bce(net: FilterNet, data: TraceData, rows: torch.Tensor, pos_weight: 
     logits = net(data.features[rows])  # [R, L]
     loss = nn.functional.binary_cross_entropy_with_logits(logits, data.label[rows], pos_weight=pos_weight,
                                                           reduction="none")
-    weight = data.masked[rows].float()
+    weight = data.labelled[rows].float()
     return (loss * weight).sum() / weight.sum().clamp(min=1)
 
 
@@ -118,7 +120,7 @@ def fit(net: FilterNet, data: TraceData, cfg: FilterTrainConfig) -> dict:
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise FilterError(f"{len(train_rows)} training and {len(val_rows)} validation rows: collect traces on more "
                           "problems")
-    train_labels = data.label[train_rows][data.masked[train_rows]]
+    train_labels = data.label[train_rows][data.labelled[train_rows]]
     positives = train_labels.sum()
     pos_weight = ((len(train_labels) - positives) / positives.clamp(min=1)) if cfg.class_weight else torch.tensor(1.0)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -149,13 +151,13 @@ def fit(net: FilterNet, data: TraceData, cfg: FilterTrainConfig) -> dict:
 
 
 def precision_recall(net: FilterNet, data: TraceData, threshold: float) -> dict:
-    """On validation rows' masked positions: of the positions the filter would accept, the share whose
-    prediction is final (precision), and the share of final ones it accepts (recall)."""
+    """On validation rows' labelled positions: of the positions the filter would accept, the share labelled
+    positive (precision: final, or safe to commit), and the share of positive ones it accepts (recall)."""
     rows = data.validation.nonzero().squeeze(1)
     with torch.no_grad():
         accept = torch.sigmoid(net(data.features[rows])) > threshold  # [R, L]
-    masked, label = data.masked[rows], data.label[rows].bool()
-    accepted, final = accept & masked, label & masked
+    labelled, label = data.labelled[rows], data.label[rows].bool()
+    accepted, final = accept & labelled, label & labelled
     hits = (accepted & final).sum()
     return {"threshold": threshold, "precision": round(float(hits / accepted.sum().clamp(min=1)), 4),
             "recall": round(float(hits / final.sum().clamp(min=1)), 4)}
@@ -165,12 +167,13 @@ def choose_accept_threshold(model, tokenizer, learned: LearnedFilter, problems: 
                             max_drop: float, batch_size: int) -> tuple[float, list[dict]]:
     """Lowest candidate threshold whose ``learned`` + EoTP decode of ``problems`` keeps every task within
     ``max_drop`` of the reference's accuracy on them, as does every higher one; the whole search is returned for
-    the card."""
+    the card. A filter of rollout traces decodes beside their confidence threshold, the decode it is held to."""
+    beside = {} if meta.threshold is None else {"learned_commit": "with_threshold", "threshold": meta.threshold}
     search = []
     for threshold in ACCEPT_THRESHOLDS:
         cfg = make_config({"gen_length": meta.gen_length, "block_length": meta.block_length, "policy": "learned",
                            "accept_threshold": threshold, "eotp": True, "cache": meta.cache,
-                           "batch_size": batch_size})
+                           "batch_size": batch_size, **beside})
         rows = list(iter_decoded(model, tokenizer, problems, cfg, policy=build_policy(cfg, learned),
                                  desc=f"accept threshold {threshold}"))
         point = {"accept_threshold": threshold}
@@ -214,7 +217,8 @@ def train_filter(trace_dirs: list[Path], filter_cfg: FilterConfig, cfg: FilterTr
     learned.card.training = {"trace_dirs": [str(d) for d in trace_dirs],
                              "trajectories": sorted({m.trajectory for m in data.meta}),
                              "tasks": sorted({t for m in data.meta for t in m.tasks}),
-                             "gen_length": meta.gen_length, "parameters": sum(p.numel() for p in net.parameters()),
+                             "gen_length": meta.gen_length, "threshold": meta.threshold,
+                             "parameters": sum(p.numel() for p in net.parameters()),
                              **asdict(cfg), **log, "wall_time_s": round(time.perf_counter() - started, 1)}
     learned.card.validation = {"problems": len(data.val_problems), **precision_recall(net, data, threshold),
                                "threshold_search": search}

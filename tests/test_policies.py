@@ -54,9 +54,11 @@ def hand_state(confidence: list[float], masked: list[bool], **extra) -> StepStat
 POLICIES = [FixedQuota(4), FixedQuota(4, "random"), Threshold(0.9), Threshold(0.5), Factor(1.0), Factor(0.3),
             Isolated(0.9, 0.3), Oracle(), Learned(lambda state: state.confidence.sqrt(), 0.5),
             Learned(lambda state: state.confidence.sqrt(), 0.9, FixedSchedule(16, 16)),
-            Learned(lambda state: 1 - state.confidence, 0.9, threshold=0.95)]
+            Learned(lambda state: 1 - state.confidence, 0.9, threshold=0.95),
+            Learned(lambda state: state.margin, 0.3, threshold=0.9, candidates=1)]
 POLICY_IDS = ["fixed-4", "fixed-4-random", "threshold-0.9", "threshold-0.5", "factor-1", "factor-0.3", "isolated",
-              "oracle", "learned-0.5", "learned-paper-0.9", "learned-with-threshold"]
+              "oracle", "learned-0.5", "learned-paper-0.9", "learned-with-threshold",
+              "learned-one-candidate"]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -192,6 +194,26 @@ def test_with_threshold_commits_what_the_filter_or_the_threshold_accepts(batch: 
     assert torch.equal(union, either | (fallback & ~either.any(-1, keepdim=True)))
 
 
+def test_candidates_limit_the_filter_to_the_best_positions_the_threshold_leaves() -> None:
+    state = hand_state([0.95, 0.6, 0.5, 0.4, 0.7], [True, True, True, True, False])
+    trusts_all = Learned(lambda s: torch.ones_like(s.confidence), 0.5, threshold=0.9, candidates=1)
+    assert trusts_all(state).tolist() == [[True, True, False, False, False]]  # 4 is committed already
+    assert Learned(trusts_all.filter, 0.5, threshold=0.9, candidates=2)(state).tolist() == [
+        [True, True, True, False, False]]
+    trusts_low = Learned(lambda s: 1 - s.confidence, 0.45, threshold=0.9, candidates=1)  # rejects 0.6, the candidate
+    assert trusts_low(state).tolist() == [[True, False, False, False, False]]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_candidates_bound_the_filters_commits_per_row(batch: int) -> None:
+    state = synthetic_state(batch, seed=3)
+    for candidates in (1, 3):
+        commit = Learned(lambda s: torch.ones_like(s.confidence), 0.5, threshold=0.9, candidates=candidates)(state)
+        below = commit & (state.confidence <= 0.9)  # [B, L]
+        left = (state.masked & (state.confidence <= 0.9)).sum(-1)  # [B]
+        assert torch.equal(below.sum(-1), left.clamp(max=candidates))
+
+
 def test_with_threshold_adds_confident_positions_the_filter_rejects() -> None:
     state = hand_state([0.2, 0.97, 0.6, 0.99], [True, True, True, False])
     trusts_low = Learned(lambda s: 1 - s.confidence, 0.5, threshold=0.95)  # accepts position 0 only
@@ -214,6 +236,8 @@ def test_build_policy_from_config() -> None:
     assert build_policy(paper, learned_filter=trust_margin) == Learned(trust_margin, 0.96, FixedSchedule(32, 8))
     either = DecodeConfig(policy="learned", accept_threshold=0.9, learned_commit="with_threshold", threshold=0.99)
     assert build_policy(either, learned_filter=trust_margin) == Learned(trust_margin, 0.9, threshold=0.99)
+    one = DecodeConfig(policy="learned", accept_threshold=0.9, learned_commit="with_threshold", learned_candidates=1)
+    assert build_policy(one, learned_filter=trust_margin) == Learned(trust_margin, 0.9, threshold=0.9, candidates=1)
     with pytest.raises(ValueError, match="policy 'learned' needs a trained filter"):
         build_policy(DecodeConfig(policy="learned"))
 
@@ -244,6 +268,8 @@ def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
     ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
     ({"learned_commit": "with_schedule"}, "learned_commit='with_schedule' is only used by policy 'learned'"),
     ({"eotp_mode": "truncate"}, "eotp_mode='truncate' needs eotp=true"),
+    ({"policy": "learned", "learned_candidates": 1}, "learned_candidates=1 must be a positive integer, used with "
+                                                     "policy 'learned' and learned_commit 'with_threshold'"),
     ({"eotp": True, "eotp_mode": "drop"}, r"eotp_mode='drop' is not one of \['fill', 'truncate'\]"),
     ({"preset": "fast"}, r"preset='fast' is not one of \['learn2pd-paper'\]"),
     *[({name: value, **({"policy": "learned"} if name == "accept_threshold" else {})}, f"{name}={value} must be a "

@@ -96,7 +96,9 @@ def test_rollout_labels_match_rollouts_decoded_alone(tmp_path: Path, run_cli) ->
                       str(tmp_path / "f.safetensors"), "--val-share", "0.5", "--max-epochs", "3")
     assert trained.returncode == 0, trained.stderr
     card = json.loads((tmp_path / "f.json").read_text())
-    assert card["training"]["threshold"] == 0.9 and card["training"]["trajectories"] == ["rollout"]
+    assert card["training"]["decode_with"] == {"learned_commit": "with_threshold", "threshold": 0.9,
+                                               "learned_candidates": 1}
+    assert card["training"]["trajectories"] == ["rollout"]
 
 
 def test_rollouts_follow_a_threshold_decode() -> None:

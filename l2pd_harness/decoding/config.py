@@ -61,6 +61,10 @@ class DecodeConfig:
     none), with_schedule (the Learn2PD paper's: the accepted positions together with the k most confident masked
     ones, k = block_length / (steps per block) as in ``fixed``, so 1 when steps = gen_length) or with_threshold
     (the accepted positions together with every masked one whose confidence exceeds ``threshold``, at least one)."""
+    learned_candidates: int | None = None
+    """``learned`` with learned_commit with_threshold: the filter judges only this many masked positions per pass,
+    the most confident ones the threshold leaves (1 for a filter trained on rollout labels: the question they
+    answer); ``None`` lets it judge every masked position."""
     eotp: bool = False
     """End-of-Text Prediction: once end-of-text is committed, no pass decodes the canvas after it (eotp_mode says
     how)."""
@@ -111,6 +115,11 @@ class DecodeConfig:
         if self.policy != "learned" and self.learned_commit != "accepted":
             raise ValueError(f"learned_commit={self.learned_commit!r} is only used by policy 'learned' (got policy "
                              f"{self.policy!r})")
+        if self.learned_candidates is not None and (self.learned_candidates <= 0
+                                                    or self.learned_commit != "with_threshold"):
+            raise ValueError(f"learned_candidates={self.learned_candidates} must be a positive integer, used with "
+                             f"policy 'learned' and learned_commit 'with_threshold' (got learned_commit="
+                             f"{self.learned_commit!r})")
         if not self.eotp and self.eotp_mode != "fill":
             raise ValueError(f"eotp_mode={self.eotp_mode!r} needs eotp=true")
         if self.factor <= 0:

@@ -182,17 +182,24 @@ class Learned:
     """Learn2PD: ``filter(state) -> [B, L]`` probability that each position's prediction is already final. A pass
     commits the masked positions above ``accept_threshold`` and, given ``threshold``, every masked position whose
     confidence exceeds it; with ``schedule`` (the paper's rule) together with the schedule's commits, without it at
-    least one (the most confident)."""
+    least one (the most confident). With ``threshold`` and ``candidates`` the filter judges only the ``candidates``
+    most confident masked positions the threshold leaves in each pass: the question rollout labels answer
+    (:mod:`l2pd_harness.filter.rollouts`), and a bound on how many uncertain positions one pass commits together."""
 
     filter: Filter
     accept_threshold: float
     schedule: FixedSchedule | None = None
     threshold: float | None = None
+    candidates: int | None = None
 
     def __call__(self, state: StepState) -> torch.Tensor:
         accepted = self.filter(state) > self.accept_threshold  # [B, L]
         if self.threshold is not None:
-            accepted |= state.confidence > self.threshold
+            above = state.confidence > self.threshold  # [B, L]
+            if self.candidates is not None:
+                quota = torch.full_like(state.block_step, self.candidates)  # [B]
+                accepted &= top_k_commit(state.confidence, state.masked & ~above, quota)
+            accepted |= above
         if self.schedule is None:
             return at_least_one(accepted, state)
         return (accepted & state.masked) | self.schedule(state)
@@ -200,8 +207,10 @@ class Learned:
 
 def build_learned(cfg: DecodeConfig, learned: Filter) -> Learned:
     schedule = FixedSchedule(cfg.block_length, cfg.steps_per_block) if cfg.learned_commit == "with_schedule" else None
-    threshold = cfg.threshold if cfg.learned_commit == "with_threshold" else None
-    return Learned(learned, cfg.accept_threshold, schedule, threshold)
+    beside_threshold = cfg.learned_commit == "with_threshold"
+    threshold = cfg.threshold if beside_threshold else None
+    candidates = cfg.learned_candidates if beside_threshold else None
+    return Learned(learned, cfg.accept_threshold, schedule, threshold, candidates)
 
 
 @dataclass(frozen=True)

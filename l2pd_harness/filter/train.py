@@ -163,17 +163,24 @@ def precision_recall(net: FilterNet, data: TraceData, threshold: float) -> dict:
             "recall": round(float(hits / final.sum().clamp(min=1)), 4)}
 
 
+def serving_settings(meta: TraceMeta) -> dict:
+    """How a filter trained on traces like ``meta``'s decodes: a rollout-labelled one beside the threshold its traces
+    followed, judging one left-over position per pass (the question its labels answer); any other on its own."""
+    if meta.threshold is None:
+        return {}
+    return {"learned_commit": "with_threshold", "threshold": meta.threshold, "learned_candidates": 1}
+
+
 def choose_accept_threshold(model, tokenizer, learned: LearnedFilter, problems: list[dict], meta: TraceMeta,
                             max_drop: float, batch_size: int) -> tuple[float, list[dict]]:
     """Lowest candidate threshold whose ``learned`` + EoTP decode of ``problems`` keeps every task within
     ``max_drop`` of the reference's accuracy on them, as does every higher one; the whole search is returned for
-    the card. A filter of rollout traces decodes beside their confidence threshold, the decode it is held to."""
-    beside = {} if meta.threshold is None else {"learned_commit": "with_threshold", "threshold": meta.threshold}
+    the card; the decodes use :func:`serving_settings`."""
     search = []
     for threshold in ACCEPT_THRESHOLDS:
         cfg = make_config({"gen_length": meta.gen_length, "block_length": meta.block_length, "policy": "learned",
                            "accept_threshold": threshold, "eotp": True, "cache": meta.cache,
-                           "batch_size": batch_size, **beside})
+                           "batch_size": batch_size, **serving_settings(meta)})
         rows = list(iter_decoded(model, tokenizer, problems, cfg, policy=build_policy(cfg, learned),
                                  desc=f"accept threshold {threshold}"))
         point = {"accept_threshold": threshold}
@@ -217,7 +224,7 @@ def train_filter(trace_dirs: list[Path], filter_cfg: FilterConfig, cfg: FilterTr
     learned.card.training = {"trace_dirs": [str(d) for d in trace_dirs],
                              "trajectories": sorted({m.trajectory for m in data.meta}),
                              "tasks": sorted({t for m in data.meta for t in m.tasks}),
-                             "gen_length": meta.gen_length, "threshold": meta.threshold,
+                             "gen_length": meta.gen_length, "decode_with": serving_settings(meta),
                              "parameters": sum(p.numel() for p in net.parameters()),
                              **asdict(cfg), **log, "wall_time_s": round(time.perf_counter() - started, 1)}
     learned.card.validation = {"problems": len(data.val_problems), **precision_recall(net, data, threshold),

@@ -32,14 +32,6 @@ class OneLineParser(argparse.ArgumentParser):
 positive_int = argument_type("value", int, positive=True)
 
 
-def probability(text: str) -> float:
-    """An argparse ``type``: a number in [0, 1]."""
-    value = argument_type("value", float)(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"value={value} must be in [0, 1]")
-    return value
-
-
 MODEL_HELP = "checkpoint directory or hub id in the local HF cache (default: the shipped tiny model)"
 
 
@@ -315,7 +307,8 @@ def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:
                         "correct (rollout) (oracle)")
     p.add_argument("--rollouts-per-pass", type=positive_int, default=3,
                    help="rollout: candidate positions labelled per pass, the most confident ones left (3)")
-    p.add_argument("--rollout-min-confidence", type=probability, default=0.2,
+    p.add_argument("--rollout-min-confidence", type=argument_type("rollout_min_confidence", float, unit=True),
+                   default=0.2,
                    help="rollout: lowest confidence of a candidate position (0.2)")
     p.add_argument("--references", type=Path, action="append", default=None,
                    help="an earlier reference decode of the same problems (`l2pd generate --steps GEN_LENGTH` "
@@ -358,7 +351,7 @@ def run_collect_traces(args: argparse.Namespace) -> None:
         check_canvases([row.get("canvas") for row in rows], path, model.config.vocab_size, cfg.gen_length)
     rollout = None
     if args.trajectory == "rollout":
-        steps, rows = collect_rollouts(model, tokenizer, problems, cfg, args.rollouts_per_pass,
+        steps, rows = collect_rollouts(model, tokenizer, problems, cfg, policy_fn, args.rollouts_per_pass,
                                        args.rollout_min_confidence)
         rollout = {"threshold": cfg.threshold, "rollouts_per_pass": args.rollouts_per_pass,
                    "rollout_min_confidence": args.rollout_min_confidence}

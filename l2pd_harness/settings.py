@@ -125,8 +125,9 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def argument_type(name: str, kind: type, optional: bool = False, positive: bool = False):
-    """An argparse ``type`` that converts with :func:`coerce` (``positive``: also refuse numbers <= 0)."""
+def argument_type(name: str, kind: type, optional: bool = False, positive: bool = False, unit: bool = False):
+    """An argparse ``type`` that converts with :func:`coerce` (``positive``: also refuse numbers <= 0; ``unit``: also
+    refuse numbers outside [0, 1])."""
 
     def convert(text: str):
         try:
@@ -135,6 +136,8 @@ def argument_type(name: str, kind: type, optional: bool = False, positive: bool 
             raise argparse.ArgumentTypeError(str(err)) from None
         if positive and value is not None and value <= 0:
             raise argparse.ArgumentTypeError(f"{name}={value} must be positive")
+        if unit and value is not None and not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"{name}={value} must be in [0, 1]")
         return value
 
     convert.__name__ = kind.__name__

@@ -277,6 +277,8 @@ def test_a_read_only_output_folder_is_refused_before_work(capsys, tmp_path: Path
     (["evaluate", "--task", "arith", "--output", "{dir}"], "--output '{dir}' is a directory, expected a file"),
     (["data", "arith", "--out", ""], "--out is an empty path"),
     (["collect-traces", "--out", "{file}"], "--out '{file}' is a file, expected a directory"),
+    (["collect-traces", "--out", "{dir}/t", "--rollout-min-confidence", "1.5"],
+     "argument --rollout-min-confidence: rollout_min_confidence=1.5 must be in [0, 1]"),
     (["train-base", "--out", "{file}"], "--out '{file}' is a file, expected a directory"),
     (["train-filter", "--traces", "{dir}", "--out", "{dir}"], "--out '{dir}' is a directory, expected a file"),
     (["choose-threshold", "--filter", "f", "--traces", "{dir}", "--out", "{dir}"],

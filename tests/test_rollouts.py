@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2pd_harness.decoding.policies import Threshold
+from l2pd_harness.decoding.policies import Threshold, build_policy
 from l2pd_harness.evaluation import grade_rows, iter_decoded
 from l2pd_harness.filter.rollouts import ForcedCommit, candidate_positions, collect_rollouts
 from l2pd_harness.filter.traces import load_traces
@@ -105,4 +105,5 @@ def test_rollouts_follow_a_threshold_decode() -> None:
     model, tokenizer = load_model()
     cfg = make_config({"policy": "fixed", "gen_length": 32})
     with pytest.raises(ValueError, match="not policy='fixed'"):
-        collect_rollouts(model, tokenizer, sample_problems("arith", "train", 1, 0), cfg, 1, 0.2)
+        collect_rollouts(model, tokenizer, sample_problems("arith", "train", 1, 0), cfg, build_policy(cfg), 1,
+                         0.2)

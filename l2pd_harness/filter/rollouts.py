@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from l2pd_harness.decoding.config import DecodeConfig
-from l2pd_harness.decoding.policies import Policy, StepState, build_policy, top_k_commit
+from l2pd_harness.decoding.policies import Policy, StepState, top_k_commit
 from l2pd_harness.evaluation import grade_rows, iter_decoded
 from l2pd_harness.filter.traces import StepRecorder
 
@@ -55,14 +55,16 @@ def candidate_positions(steps: dict[str, torch.Tensor], correct: torch.Tensor, p
     return top_k_commit(steps["confidence"], open_positions, quota)
 
 
-def collect_rollouts(model, tokenizer, problems: list[dict], cfg: DecodeConfig, per_pass: int,
+def collect_rollouts(model, tokenizer, problems: list[dict], cfg: DecodeConfig, threshold: Policy, per_pass: int,
                      min_confidence: float) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Record ``cfg``'s threshold decode of ``problems`` and label its candidate positions by rollout; returns the
-    step tensors and the problems with that decode as their reference (``reference_correct`` is its verdict)."""
+    """Record the decode of ``problems`` by ``threshold`` (``cfg``'s threshold policy) and label its candidate
+    positions by rollout; returns the step tensors and the problems with that decode as their reference
+    (``reference_correct`` is its verdict)."""
     if cfg.policy != "threshold":
         raise ValueError(f"rollouts follow a threshold decode, not policy={cfg.policy!r}")
-    recorder, threshold = StepRecorder(), build_policy(cfg)
-    decoded = list(iter_decoded(model, tokenizer, problems, cfg, desc="threshold trajectory", on_step=recorder))
+    recorder = StepRecorder()
+    decoded = list(iter_decoded(model, tokenizer, problems, cfg, desc="threshold trajectory", policy=threshold,
+                                on_step=recorder))
     correct = torch.tensor(grade_rows(decoded))  # [problems]
     steps = recorder.merged()
     block = steps["offset"] // cfg.block_length  # [N]

@@ -23,6 +23,9 @@ from functools import cache
 from l2pd_harness.decoding.config import CHOICES, PRESETS, DecodeConfig
 from l2pd_harness.decoding.policies import POLICIES, Policy
 
+if typing.TYPE_CHECKING:
+    from l2pd_harness.filter.model import FilterCard
+
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -95,7 +98,7 @@ def decode_setup(values: Mapping[str, object], pretrained: str | os.PathLike | N
     """``(cfg, policy)`` for the settings ``values`` on the model ``pretrained`` (``None``: the shipped tiny model).
 
     A policy that reads a filter gets the one ``cfg.filter`` names (default: the shipped one), checked against the
-    model and block length, and ``cfg.accept_threshold`` becomes the filter's default unless given.
+    model and block length, and the settings left to the filter take its card's values (:func:`card_defaults`).
     """
     cfg = make_config(values, cls)
     if not POLICIES[cfg.policy].needs_filter:
@@ -103,9 +106,24 @@ def decode_setup(values: Mapping[str, object], pretrained: str | os.PathLike | N
     from l2pd_harness.filter.model import load_filter
 
     learned = load_filter(cfg.filter, pretrained, cfg.block_length)
-    if cfg.accept_threshold is None:
-        cfg = replace(cfg, accept_threshold=learned.card.accept_threshold)
+    try:
+        cfg = replace(cfg, **card_defaults(cfg, learned.card))
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
     return cfg, POLICIES[cfg.policy].build(cfg, learned)
+
+
+def card_defaults(cfg: DecodeConfig, card: FilterCard) -> dict:
+    """The settings ``cfg`` leaves to its filter, from the filter's card: the accept threshold chosen on
+    validation problems and, when ``learned_commit`` is not given, the way the filter was trained to decode
+    (``training.decode_with``; ``threshold`` always stays ``cfg``'s)."""
+    serving = card.training.get("decode_with", {}) if cfg.learned_commit is None else {}
+    if not isinstance(serving, dict):
+        raise SettingsError(f"the filter card's training.decode_with={serving!r} must be a JSON object")
+    return {"accept_threshold": card.accept_threshold if cfg.accept_threshold is None else cfg.accept_threshold,
+            "learned_commit": serving.get("learned_commit", cfg.learned_commit or "accepted"),
+            "learned_candidates": serving.get("learned_candidates") if cfg.learned_candidates is None
+            else cfg.learned_candidates}
 
 
 @cache

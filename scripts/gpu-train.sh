@@ -4,7 +4,7 @@
 # names another) on arith, listops and pairsum (pairsum weighted 3, arith 2: the CPU run lost arith points), with more
 # long padded canvases (EoTP at gen 1024) and half the samples masked block-wise as a block-32 decode sees them (what
 # took arith from 71% to 97% at block 32 on the CPU), then measure the one-token reference on 500 held-out problems
-# per task.
+# per task at gen 256, and at gen 1024 with and without EoTP.
 # Writes the checkpoint and eval.jsonl under $OUT (the device tool) or runs/gpu-train; commit them with the GPU named
 # (training_log.json records the device). Runs here too for a smoke test: DEVICE=cpu STEPS=2 TOKENS=2048 N=4.
 set -euo pipefail
@@ -24,4 +24,11 @@ l2pd train-base --task arith,listops,pairsum --task-weights 2,1,3 --init-from "$
 for task in pairsum arith listops; do
     l2pd evaluate --model "$RESULTS/model" --task "$task" --n "$N" --gen-length 256 --steps 256 \
         --batch-size "$N" --device "$DEVICE" | tee -a "$RESULTS/eval.jsonl"
+done
+# Issue 20's long-canvas goal: one token per step at gen 1024 with and without EoTP (hours per task on 2 CPU cores).
+for task in pairsum arith listops; do
+    for eotp in --eotp --no-eotp; do
+        l2pd evaluate --model "$RESULTS/model" --task "$task" --n "$N" --gen-length 1024 --steps 1024 "$eotp" \
+            --batch-size "$N" --device "$DEVICE" | tee -a "$RESULTS/eval.jsonl"
+    done
 done

@@ -268,8 +268,9 @@ def test_top_k_commit_takes_most_confident_candidates(batch: int) -> None:
     ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
     ({"learned_commit": "with_schedule"}, "learned_commit='with_schedule' is only used by policy 'learned'"),
     ({"eotp_mode": "truncate"}, "eotp_mode='truncate' needs eotp=true"),
-    ({"policy": "learned", "learned_candidates": 1}, "learned_candidates=1 must be a positive integer, used with "
-                                                     "policy 'learned' and learned_commit 'with_threshold'"),
+    ({"policy": "learned", "learned_commit": "accepted", "learned_candidates": 1},
+     "learned_candidates=1 must be a positive integer, used with policy 'learned' and learned_commit 'with_threshold'"),
+    ({"policy": "threshold", "learned_candidates": 1}, "learned_candidates=1 must be a positive integer"),
     ({"eotp": True, "eotp_mode": "drop"}, r"eotp_mode='drop' is not one of \['fill', 'truncate'\]"),
     ({"preset": "fast"}, r"preset='fast' is not one of \['learn2pd-paper'\]"),
     *[({name: value, **({"policy": "learned"} if name == "accept_threshold" else {})}, f"{name}={value} must be a "

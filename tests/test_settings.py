@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 
 import l2pd_harness.cli as cli
 from l2pd_harness.decoding.config import DecodeConfig
+from l2pd_harness.filter.model import DEFAULT_FILTER
 from l2pd_harness.lm_eval_model import L2PDLM
 from l2pd_harness.settings import SettingsError, coerce, decode_setup, make_config, option_values
 
@@ -56,6 +59,23 @@ def test_decode_setup_resolves_the_learned_filter_and_its_threshold() -> None:
     cfg, policy = decode_setup({"policy": "learned", "accept_threshold": "0.42"})
     assert cfg.accept_threshold == policy.accept_threshold == 0.42
     assert decode_setup({"policy": "threshold", "threshold": 0.7})[1].threshold == 0.7
+
+
+def test_a_filter_card_says_how_its_filter_decodes_unless_told(tmp_path: Path) -> None:
+    rollout_filter = tmp_path / "rollout.safetensors"
+    shutil.copy(DEFAULT_FILTER, rollout_filter)
+    card = json.loads(DEFAULT_FILTER.with_suffix(".json").read_text())
+    card["training"]["decode_with"] = {"learned_commit": "with_threshold", "threshold": 0.9, "learned_candidates": 1}
+    rollout_filter.with_suffix(".json").write_text(json.dumps(card))
+    cfg, policy = decode_setup({"policy": "learned", "filter": str(rollout_filter), "threshold": "0.95"})
+    assert (cfg.learned_commit, cfg.learned_candidates, cfg.threshold) == ("with_threshold", 1, 0.95)
+    assert (policy.threshold, policy.candidates) == (0.95, 1)
+    cfg, policy = decode_setup({"policy": "learned", "filter": str(rollout_filter), "learned_commit": "accepted"})
+    assert (cfg.learned_commit, cfg.learned_candidates, policy.threshold) == ("accepted", None, None)
+    assert decode_setup({"policy": "learned"})[0].learned_commit == "accepted"  # the shipped card names none
+    assert make_config({"policy": "threshold"}).learned_commit == "accepted"
+    with pytest.raises(SettingsError, match="learned_candidates=2 must be a positive integer"):
+        decode_setup({"policy": "learned", "learned_candidates": "2"})
 
 
 def test_a_preset_fills_what_is_not_given_and_yields_to_what_is() -> None:

@@ -20,6 +20,8 @@ together with the fixed schedule's, and its End-of-Text Prediction that shortens
 CHOICES = {"policy": tuple(POLICIES), "remasking": REMASKING, "cache": CACHES, "learned_commit": LEARNED_COMMITS,
            "eotp_mode": EOTP_MODES, "preset": tuple(PRESETS)}
 """The allowed values of the fields that take a name (the command line offers them as choices)."""
+OPEN_CHOICES = ("learned_commit", "preset")
+"""The named fields that may also be ``None`` (left to the filter's card, or no preset)."""
 REAL_FIELDS = ("threshold", "isolated_threshold", "factor", "temperature", "cfg_scale", "accept_threshold")
 """The fields that take a real number; nan passes every range comparison unrefused and inf wrecks the arithmetic
 mid-decode, so each must be finite."""
@@ -56,15 +58,18 @@ class DecodeConfig:
     accept_threshold: float | None = None
     """``learned``: commit the masked positions whose filter probability exceeds this (at least one); ``None`` is
     the filter's own default, chosen on validation problems."""
-    learned_commit: str = "accepted"
+    learned_commit: str | None = None
     """``learned``: what a pass commits: accepted (the positions the filter accepts, or the most confident one if
     none), with_schedule (the Learn2PD paper's: the accepted positions together with the k most confident masked
     ones, k = block_length / (steps per block) as in ``fixed``, so 1 when steps = gen_length) or with_threshold
-    (the accepted positions together with every masked one whose confidence exceeds ``threshold``, at least one)."""
+    (the accepted positions together with every masked one whose confidence exceeds ``threshold``, at least one);
+    ``None`` is the way the filter's card says it decodes (``training.decode_with``: with_threshold and one
+    candidate for a filter trained on rollout labels), else accepted."""
     learned_candidates: int | None = None
     """``learned`` with learned_commit with_threshold: the filter judges only this many masked positions per pass,
     the most confident ones the threshold leaves (1 for a filter trained on rollout labels: the question they
-    answer); ``None`` lets it judge every masked position."""
+    answer); ``None`` is the filter card's number when learned_commit is left to the card, else every masked
+    position."""
     eotp: bool = False
     """End-of-Text Prediction: once end-of-text is committed, no pass decodes the canvas after it (eotp_mode says
     how)."""
@@ -97,7 +102,7 @@ class DecodeConfig:
             raise ValueError(f"steps={self.steps} must be a multiple of the number of blocks ({self.num_blocks}) "
                              f"between {self.num_blocks} and gen_length={self.gen_length}")
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed and not (name == "preset" and self.preset is None):
+            if getattr(self, name) not in allowed and not (name in OPEN_CHOICES and getattr(self, name) is None):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
         for name in REAL_FIELDS:
             value = getattr(self, name)
@@ -112,11 +117,13 @@ class DecodeConfig:
         if not POLICIES[self.policy].needs_filter and (self.filter is not None or self.accept_threshold is not None):
             raise ValueError(f"filter and accept_threshold are only used by policy 'learned' (got policy "
                              f"{self.policy!r}, filter={self.filter!r}, accept_threshold={self.accept_threshold!r})")
-        if self.policy != "learned" and self.learned_commit != "accepted":
+        if self.policy != "learned" and self.learned_commit not in (None, "accepted"):
             raise ValueError(f"learned_commit={self.learned_commit!r} is only used by policy 'learned' (got policy "
                              f"{self.policy!r})")
+        if self.learned_commit is None and self.policy != "learned":
+            self.learned_commit = "accepted"  # no filter card to leave it to: the value every such run records
         if self.learned_candidates is not None and (self.learned_candidates <= 0
-                                                    or self.learned_commit != "with_threshold"):
+                                                    or self.learned_commit not in (None, "with_threshold")):
             raise ValueError(f"learned_candidates={self.learned_candidates} must be a positive integer, used with "
                              f"policy 'learned' and learned_commit 'with_threshold' (got learned_commit="
                              f"{self.learned_commit!r})")

@@ -4,12 +4,13 @@
 # on those labels that serves beside the threshold (learned_commit=with_threshold). Usage:
 #   bash results/policy-rl/rollout-filter.sh [BLOCK_LENGTH] [THRESHOLD] [N] [CACHE]   (defaults 32, 0.9, 200, none)
 # Writes results/policy-rl/rollouts/arith-bBLOCK-tTHRESHOLD[-CACHE]/ and
-# results/policy-rl/rollout-bBLOCK[-CACHE].{safetensors,json} (the suffix only for a cache other than none).
+# results/policy-rl/rollout-bBLOCK[-tTHRESHOLD][-CACHE].{safetensors,json} (suffixes only away from 0.9 and none).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BLOCK=${1:-32}; THRESHOLD=${2:-0.9}; N=${3:-200}; CACHE=${4:-none}
 SUFFIX=$([ "$CACHE" = none ] || echo "-$CACHE")
 TRACES=results/policy-rl/rollouts/arith-b$BLOCK-t$THRESHOLD$SUFFIX
+[ "$THRESHOLD" = 0.9 ] || SUFFIX="-t$THRESHOLD$SUFFIX"
 FEATURES=confidence,margin,entropy,position,committed_share,left_settled,confidence_rank,left_confidence,right_confidence,right_settled
 l2pd collect-traces --trajectory rollout --task arith --n "$N" --threshold "$THRESHOLD" --block-length "$BLOCK" \
     --rollouts-per-pass 3 --cache "$CACHE" --out "$TRACES" --batch-size 128

@@ -117,11 +117,11 @@ class DecodeConfig:
         if not POLICIES[self.policy].needs_filter and (self.filter is not None or self.accept_threshold is not None):
             raise ValueError(f"filter and accept_threshold are only used by policy 'learned' (got policy "
                              f"{self.policy!r}, filter={self.filter!r}, accept_threshold={self.accept_threshold!r})")
-        if self.policy != "learned" and self.learned_commit not in (None, "accepted"):
-            raise ValueError(f"learned_commit={self.learned_commit!r} is only used by policy 'learned' (got policy "
-                             f"{self.policy!r})")
         if self.learned_commit is None and self.policy != "learned":
             self.learned_commit = "accepted"  # no filter card to leave it to: the value every such run records
+        if self.policy != "learned" and self.learned_commit != "accepted":
+            raise ValueError(f"learned_commit={self.learned_commit!r} is only used by policy 'learned' (got policy "
+                             f"{self.policy!r})")
         if self.learned_candidates is not None and (self.learned_candidates <= 0
                                                     or self.learned_commit not in (None, "with_threshold")):
             raise ValueError(f"learned_candidates={self.learned_candidates} must be a positive integer, used with "

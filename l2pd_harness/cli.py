@@ -149,6 +149,23 @@ def positive_int_list(text: str) -> tuple[int, ...]:
     return tuple(positive_int(item) for item in text.split(","))
 
 
+def share_list(top: bool) -> Callable[[str], tuple[float, ...]]:
+    """An argparse type: comma-separated numbers in (0, 1] (``top``: 1 allowed) or (0, 1)."""
+    bounds = "(0, 1]" if top else "(0, 1)"
+
+    def convert(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(item) for item in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        bad = [v for v in values if not (0 < v <= 1 if top else 0 < v < 1)]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]} is not in {bounds}")
+        return values
+
+    return convert
+
+
 def task_list(text: str) -> tuple[str, ...]:
     """An argparse type: comma-separated task names."""
     return tuple(task_name(name) for name in text.split(","))
@@ -304,7 +321,8 @@ def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="whose decode the steps come from: the reference itself, the oracle (commit what already "
                         "matches), a trained filter's (learned, needs --filter), or a --threshold decode whose "
                         "left-over positions are labelled by rollout: does committing one now keep the answer "
-                        "correct (rollout) (oracle)")
+                        "correct (rollout; with --filter, a rollout-labelled filter's decode beside the threshold, "
+                        "a DAgger round) (oracle)")
     p.add_argument("--rollouts-per-pass", type=positive_int, default=3,
                    help="rollout: candidate positions labelled per pass, the most confident ones left (3)")
     p.add_argument("--rollout-min-confidence", type=argument_type("rollout_min_confidence", float, unit=True),
@@ -322,7 +340,7 @@ def add_collect_traces_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_collect_traces(args: argparse.Namespace) -> None:
-    from l2pd_harness.filter.rollouts import collect_rollouts
+    from l2pd_harness.filter.rollouts import collect_rollouts, follows_threshold
     from l2pd_harness.filter.traces import collect, save_traces, trace_meta
     from l2pd_harness.loading import load_model
     from l2pd_harness.settings import decode_setup
@@ -336,10 +354,14 @@ def run_collect_traces(args: argparse.Namespace) -> None:
     if args.trajectory == "rollout" and args.references:
         raise UsageError("--trajectory rollout labels by rollout, not against reference decodes: no --references")
     policy = {"reference": "fixed", "oracle": "oracle", "learned": "learned",
-              "rollout": "threshold"}[args.trajectory]
+              "rollout": "learned" if args.filter else "threshold"}[args.trajectory]
     values = {**option_values(args, DecodeConfig), "policy": policy,
               "eotp": args.eotp and args.trajectory != "reference"}
     cfg, policy_fn = decode_setup(values, args.model)
+    if args.trajectory == "rollout" and not follows_threshold(cfg):
+        raise UsageError(f"--filter {args.filter}: a rollout trajectory follows a filter that decodes beside a "
+                         f"threshold (learned_commit with_threshold, a rollout-labelled filter), not "
+                         f"{cfg.learned_commit}")
     files = {path: read_jsonl(path, "--references") for path in args.references or ()}
     references = [row for rows in files.values() for row in rows] if files else None
     if references is not None and [r.get("prompt") for r in references] != [p["prompt"] for p in problems]:
@@ -481,19 +503,27 @@ def run_train_filter(args: argparse.Namespace) -> None:
 
 
 def add_choose_threshold_parser(subparsers: argparse._SubParsersAction) -> None:
-    from l2pd_harness.filter.train import FilterTrainConfig
+    from l2pd_harness.filter.train import ACCEPT_THRESHOLDS, FilterTrainConfig
 
     p = subparsers.add_parser(
         "choose-threshold", help="choose a trained filter's default accept threshold again, on more problems",
         description="Decode every problem of the given trace directories that the filter was not fitted on "
                     "(its own validation problems, problems of newly collected traces) with `learned` + EoTP at "
-                    "each candidate accept threshold, and keep the lowest from which every higher one stays within "
-                    "--max-accuracy-drop of the reference decode, as train-filter does. The weights are unchanged; "
+                    "each candidate accept threshold, decoding as the filter's card says, and keep the lowest "
+                    "from which every higher one stays within --max-accuracy-drop of the reference decode, as "
+                    "train-filter does (with --thresholds, beside each threshold too). The weights are unchanged; "
                     "writes the filter with the new default and search to --out (which may be --filter).")
     p.add_argument("--filter", type=Path, required=True, help="filter checkpoint from `l2pd train-filter`")
     p.add_argument("--traces", type=Path, nargs="+", required=True,
                    help="trace directories from collect-traces (problems the filter was fitted on are left out)")
     p.add_argument("--out", required=True, help="checkpoint path to write (NAME.safetensors)")
+    p.add_argument("--thresholds", type=share_list(top=True), default=(),
+                   help="for a filter that decodes beside a threshold (rollout-labelled): make the choice beside "
+                        "each of these comma-separated thresholds and keep, on the card, the one whose choice stays "
+                        "within --max-accuracy-drop in the fewest passes (the card's threshold only)")
+    p.add_argument("--accept-thresholds", type=share_list(top=False),
+                   default=ACCEPT_THRESHOLDS, help="comma-separated candidate accept thresholds "
+                                                   f"({','.join(map(str, ACCEPT_THRESHOLDS))})")
     add_config_options(p, FilterTrainConfig, ("max_accuracy_drop",))
     add_validation_decode_options(p)
     p.set_defaults(func=run_choose_threshold)
@@ -513,11 +543,11 @@ def run_choose_threshold(args: argparse.Namespace) -> None:
     learned = load_filter(args.filter, args.model, read_meta(args.traces[0]).block_length)
     model, tokenizer = load_model(args.model, device=args.device)
     chosen = rechoose_accept_threshold(learned, args.traces, model, tokenizer, args.max_accuracy_drop,
-                                       args.decode_batch_size)
+                                       args.decode_batch_size, args.thresholds, args.accept_thresholds)
     chosen.save(out)
     validation = chosen.card.validation
     print(json.dumps({"out": str(out), "accept_threshold": chosen.card.accept_threshold,
-                      "replaces": validation["replaces"],
+                      "decode_with": chosen.card.training.get("decode_with"), "replaces": validation["replaces"],
                       **{k: validation[k] for k in ("problems", "precision", "recall")}}))
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, fields, replace
 from functools import cache
 
-from l2pd_harness.decoding.config import CHOICES, PRESETS, DecodeConfig
+from l2pd_harness.decoding.config import CHOICES, DEFAULT_THRESHOLD, PRESETS, DecodeConfig
 from l2pd_harness.decoding.policies import POLICIES, Policy
 
 if typing.TYPE_CHECKING:
@@ -116,12 +116,13 @@ def decode_setup(values: Mapping[str, object], pretrained: str | os.PathLike | N
 def card_defaults(cfg: DecodeConfig, card: FilterCard) -> dict:
     """The settings ``cfg`` leaves to its filter, from the filter's card: the accept threshold chosen on
     validation problems and, when ``learned_commit`` is not given, the way the filter was trained to decode
-    (``training.decode_with``; ``threshold`` always stays ``cfg``'s)."""
+    (``training.decode_with``: learned_commit, the threshold beside it unless ``cfg`` names one, candidates)."""
     serving = card.training.get("decode_with", {}) if cfg.learned_commit is None else {}
     if not isinstance(serving, dict):
         raise SettingsError(f"the filter card's training.decode_with={serving!r} must be a JSON object")
     return {"accept_threshold": card.accept_threshold if cfg.accept_threshold is None else cfg.accept_threshold,
             "learned_commit": serving.get("learned_commit", cfg.learned_commit or "accepted"),
+            "threshold": serving.get("threshold", DEFAULT_THRESHOLD) if cfg.threshold is None else cfg.threshold,
             "learned_candidates": serving.get("learned_candidates") if cfg.learned_candidates is None
             else cfg.learned_candidates}
 

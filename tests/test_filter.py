@@ -30,6 +30,7 @@ from l2pd_harness.filter.train import (
     TraceData,
     fit,
     precision_recall,
+    serving_rank,
     training_questions,
 )
 from tests.test_cli import run_main
@@ -132,6 +133,9 @@ def test_checkpoint_round_trip_and_compatibility(tmp_path: Path, random_checkpoi
     state = synthetic_state(2)
     assert torch.equal(again(state), learned(state)) and again.card == learned.card
     assert load_filter(tmp_path / "f", random_checkpoint, L).card.accept_threshold == 0.7
+    learned.save(tmp_path / "f-t0.95.safetensors")  # a name with a dot of its own keeps it
+    assert {p.name for p in tmp_path.glob("f-t0.95.*")} == {"f-t0.95.safetensors", "f-t0.95.json"}
+    assert read_filter(tmp_path / "f-t0.95").card == learned.card
     with pytest.raises(FilterError, match="trained for block_length=8, the decode uses block_length=32"):
         load_filter(tmp_path / "f", random_checkpoint, 32)
     with pytest.raises(FilterError, match="was trained on base model sha256:.*not on the loaded model"):
@@ -251,10 +255,26 @@ def test_collect_train_and_decode_end_to_end(tmp_path: Path, run_cli) -> None:
     fitted_on = {p["question"] for p in read_problems(traces) if not is_validation(p["question"], 0.5)}
     unseen = {p["question"] for p in read_problems(traces) + read_problems(more)} - fitted_on
     assert again["validation"]["problems"] == len(unseen) > card["validation"]["problems"]
-    assert again["validation"]["replaces"] == {"accept_threshold": card["accept_threshold"],
+    assert again["validation"]["replaces"] == {"accept_threshold": card["accept_threshold"], "decode_with": {},
                                                "problems": card["validation"]["problems"]}
     assert again["accept_threshold"] in ACCEPT_THRESHOLDS and again["training"] == card["training"]
     assert (tmp_path / "g.safetensors").read_bytes() == (tmp_path / "f.safetensors").read_bytes()
+    beside = run_cli("choose-threshold", "--filter", str(tmp_path / "f.safetensors"), "--traces", str(more),
+                     "--out", str(tmp_path / "h.safetensors"), "--thresholds", "0.5,0.9")
+    assert beside.returncode == 2 and "this filter does not decode beside a threshold" in beside.stderr
+    serving = {"learned_commit": "with_threshold", "threshold": 0.9, "learned_candidates": 1}
+    (tmp_path / "f.json").write_text(json.dumps({**card, "training": {**card["training"], "decode_with": serving}}))
+    beside = run_cli("choose-threshold", "--filter", str(tmp_path / "f.safetensors"), "--traces", str(traces),
+                     str(more), "--out", str(tmp_path / "h.safetensors"), "--thresholds", "0.5,0.9",
+                     "--accept-thresholds", "0.9,0.98")
+    assert beside.returncode == 0, beside.stderr
+    chosen = json.loads((tmp_path / "h.json").read_text())
+    tried = chosen["validation"]["serving_search"]
+    assert [t["decode_with"]["threshold"] for t in tried] == [0.5, 0.9]
+    assert all([p["accept_threshold"] for p in t["threshold_search"]] == [0.9, 0.98] for t in tried)
+    best = min(tried, key=serving_rank)
+    assert chosen["training"]["decode_with"] == {**serving, "threshold": best["decode_with"]["threshold"]}
+    assert chosen["accept_threshold"] == best["accept_threshold"]
     decoded = run_cli("generate", "--prompt", "Ann has 3 pens. She buys 2 more pens. How many pens does Ann have "
                       "now?", "--policy", "learned", "--filter", str(tmp_path / "f.safetensors"), "--eotp",
                       "--gen-length", "32")
@@ -263,3 +283,14 @@ def test_collect_train_and_decode_end_to_end(tmp_path: Path, run_cli) -> None:
     wrong = run_cli("generate", "--prompt", "x", "--policy", "learned", "--filter", str(tmp_path / "f"),
                     "--block-length", "16", "--gen-length", "32")
     assert wrong.returncode == 2 and "trained for block_length=32, the decode uses block_length=16" in wrong.stderr
+
+
+def test_a_way_to_serve_is_ranked_by_passes_within_the_drop_then_by_accuracy() -> None:
+    def tried(threshold: float, accuracy: float, passes: float, within: bool) -> dict:
+        point = {"accept_threshold": 0.9, "arith": {"accuracy": accuracy, "mean_nfe": passes}, "within_drop": within}
+        other = {"accept_threshold": 0.5, "arith": {"accuracy": 0.0, "mean_nfe": 1.0}, "within_drop": False}
+        return {"decode_with": {"threshold": threshold}, "accept_threshold": 0.9, "threshold_search": [other, point]}
+
+    ways = [tried(0.9, 0.70, 8.0, False), tried(0.95, 0.78, 11.0, True), tried(0.97, 0.79, 12.0, True),
+            tried(0.99, 0.75, 9.0, False)]
+    assert [w["decode_with"]["threshold"] for w in sorted(ways, key=serving_rank)] == [0.95, 0.97, 0.99, 0.9]

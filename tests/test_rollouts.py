@@ -11,6 +11,7 @@ import torch
 
 from l2pd_harness.decoding.policies import Threshold, build_policy
 from l2pd_harness.evaluation import grade_rows, iter_decoded
+from l2pd_harness.filter.model import DEFAULT_FILTER
 from l2pd_harness.filter.rollouts import ForcedCommit, candidate_positions, collect_rollouts
 from l2pd_harness.filter.traces import load_traces
 from l2pd_harness.loading import load_model
@@ -99,6 +100,24 @@ def test_rollout_labels_match_rollouts_decoded_alone(tmp_path: Path, run_cli) ->
     assert card["training"]["decode_with"] == {"learned_commit": "with_threshold", "threshold": 0.9,
                                                "learned_candidates": 1}
     assert card["training"]["trajectories"] == ["rollout"]
+    # A DAgger round: rollouts along that filter's own decode beside the threshold, trainable with the first ones.
+    dagger = tmp_path / "dagger"
+    done = run_cli("collect-traces", "--trajectory", "rollout", "--task", "arith", "--n", "2", "--data-seed", "12",
+                   "--gen-length", "64", "--filter", str(tmp_path / "f.safetensors"), "--rollouts-per-pass", "1",
+                   "--out", str(dagger), "--batch-size", "16")
+    assert done.returncode == 0, done.stderr
+    steps, _, meta = load_traces(dagger)
+    assert meta.filter == str(tmp_path / "f.safetensors") and meta.threshold == 0.9
+    assert steps["labelled"].any()
+    trained = run_cli("train-filter", "--traces", str(traces), str(dagger), "--architecture", "position_mlp",
+                      "--out", str(tmp_path / "f2.safetensors"), "--val-share", "0.5", "--max-epochs", "3")
+    assert trained.returncode == 0, trained.stderr
+
+
+def test_rollouts_beside_a_filter_need_one_that_decodes_beside_a_threshold(tmp_path: Path, run_cli) -> None:  # noqa: F811
+    done = run_cli("collect-traces", "--trajectory", "rollout", "--task", "arith", "--n", "1", "--gen-length", "32",
+                   "--filter", str(DEFAULT_FILTER), "--out", str(tmp_path / "t"))
+    assert done.returncode == 2 and "not accepted" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_rollouts_follow_a_threshold_decode() -> None:

@@ -72,6 +72,17 @@ def test_a_filter_card_says_how_its_filter_decodes_unless_told(tmp_path: Path) -
     assert (policy.threshold, policy.candidates) == (0.95, 1)
     cfg, policy = decode_setup({"policy": "learned", "filter": str(rollout_filter), "learned_commit": "accepted"})
     assert (cfg.learned_commit, cfg.learned_candidates, policy.threshold) == ("accepted", None, None)
+    card["training"]["decode_with"]["threshold"] = 0.97  # a filter trained beside a higher threshold serves there
+    rollout_filter.with_suffix(".json").write_text(json.dumps(card))
+    assert decode_setup({"policy": "learned", "filter": str(rollout_filter)})[1].threshold == 0.97
+    assert decode_setup({"policy": "learned", "filter": str(rollout_filter), "threshold": "0.8"})[1].threshold == 0.8
+    told = {"policy": "learned", "filter": str(rollout_filter), "learned_commit": "with_threshold"}
+    assert decode_setup(told)[1].threshold == 0.9  # learned_commit given: nothing is left to the card
+    assert make_config({"policy": "threshold"}).threshold == make_config({"policy": "isolated"}).threshold == 0.9
+    card["training"]["decode_with"]["threshold"] = 1.5
+    rollout_filter.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(SettingsError, match=r"threshold=1.5 must be in \(0, 1\]"):
+        decode_setup({"policy": "learned", "filter": str(rollout_filter)})
     assert decode_setup({"policy": "learned"})[0].learned_commit == "accepted"  # the shipped card names none
     assert make_config({"policy": "threshold"}).learned_commit == "accepted"
     with pytest.raises(SettingsError, match="learned_candidates=2 must be a positive integer"):

@@ -33,15 +33,17 @@ grid:
 TINY_RUN = "gen_length-32_block_length-32_policy-fixed_steps-32"
 
 
-def children_of(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (field 4 of ``/proc/<pid>/stat``, after the parenthesised command name)."""
+def children_of(pid: int, naming: str = "") -> list[int]:
+    """PIDs whose parent is ``pid`` (field 4 of ``/proc/<pid>/stat``, after the parenthesised command name) and
+    whose command line holds ``naming``."""
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError):  # the process ended while we looked
             continue
-        if int(parent) == pid and state != "Z":
+        if int(parent) == pid and state != "Z" and naming in command:
             kids.append(int(stat.parent.name))
     return kids
 
@@ -117,7 +119,9 @@ def test_sigint_stops_the_child_in_process(tmp_path: Path, monkeypatch: pytest.M
     children: list[int] = []
 
     def interrupt_once_started() -> None:
-        children.extend(wait_for(lambda: children_of(os.getpid()), 30, "the fake lm-eval"))
+        # Only the fake lm-eval (its output directory is under tmp_path): a pytest-xdist worker may hold other
+        # children, and signalling before the sweep's handler is in place would end the test, not the sweep.
+        children.extend(wait_for(lambda: children_of(os.getpid(), str(tmp_path)), 30, "the fake lm-eval"))
         os.kill(os.getpid(), signal.SIGINT)
 
     handler = signal.getsignal(signal.SIGINT)

@@ -22,6 +22,8 @@ CHOICES = {"policy": tuple(POLICIES), "remasking": REMASKING, "cache": CACHES, "
 """The allowed values of the fields that take a name (the command line offers them as choices)."""
 OPEN_CHOICES = ("learned_commit", "preset")
 """The named fields that may also be ``None`` (left to the filter's card, or no preset)."""
+DEFAULT_THRESHOLD = 0.9
+"""``threshold`` when neither the user nor a filter card names one (Fast-dLLM's default)."""
 REAL_FIELDS = ("threshold", "isolated_threshold", "factor", "temperature", "cfg_scale", "accept_threshold")
 """The fields that take a real number; nan passes every range comparison unrefused and inf wrecks the arithmetic
 mid-decode, so each must be finite."""
@@ -44,9 +46,11 @@ class DecodeConfig:
     (one token per step)."""
     remasking: str = "low_confidence"
     """``fixed`` only: which masked positions get a step's quota: the most confident, or random ones."""
-    threshold: float = 0.9
+    threshold: float | None = None
     """``threshold``: commit every masked position whose confidence exceeds this (at least one per step); also
-    ``isolated``, and ``learned`` with learned_commit with_threshold."""
+    ``isolated``, and ``learned`` with learned_commit with_threshold. ``None`` is 0.9, except for ``learned`` with
+    learned_commit left to the filter's card: then the threshold the card names (``training.decode_with``), else
+    0.9."""
     isolated_threshold: float = 0.3
     """``isolated``: also commit every masked position whose two neighbours are settled (committed, or the prompt
     or a finished block on the left) and whose confidence is at least this."""
@@ -108,7 +112,9 @@ class DecodeConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name}={value} must be a finite number")
-        if not 0 < self.threshold <= 1:
+        if self.threshold is None and not (self.policy == "learned" and self.learned_commit is None):
+            self.threshold = DEFAULT_THRESHOLD  # no filter card to leave it to
+        if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
         if not 0 < self.isolated_threshold <= 1:
             raise ValueError(f"isolated_threshold={self.isolated_threshold} must be in (0, 1]")

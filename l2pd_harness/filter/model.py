@@ -200,7 +200,8 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     stem = Path(path)
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    # Appended, not with_suffix: a stem may hold dots of its own (rollout-b32-t0.95).
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
 def read_filter(path: str | Path) -> LearnedFilter:

@@ -3,11 +3,12 @@
 Oracle labels (:func:`l2pd_harness.filter.traces.collect`) ask whether a prediction equals one reference decode's
 final token, which calls a prediction wrong whenever the reference wrote another, equally valid form (``Then``
 where it wrote ``Later``). A rollout asks the question a commit rule faces. :func:`collect_rollouts` decodes the
-problems with a confidence threshold (the trajectory); in each of its passes the ``per_pass`` most confident masked
-positions the threshold left (confidence at least ``min_confidence``) are each committed in that pass as well, every
-one in a decode of its own that then goes on with the threshold (a rollout); the label is whether that decode is
-still graded correct. Only problems the threshold decode gets right are asked: on the others every verdict would
-read "wrong" whatever the commit.
+problems with a confidence threshold, or with a rollout-labelled filter beside one (a DAgger round: the states the
+filter itself reaches); in each pass of that trajectory the ``per_pass`` most confident masked positions it left
+(confidence at least ``min_confidence``) are each committed in that pass as well, every one in a decode of its own
+that then goes on with the same rule (a rollout); the label is whether that decode is still graded correct. Only
+problems the trajectory gets right are asked: on the others every verdict would read "wrong" whatever the
+commit.
 
 The traces have the ``collect-traces`` format plus ``labelled [N, L]``, the positions with a verdict. A filter
 trained on them serves beside the threshold it was collected with (``learned_commit=with_threshold``): it adds the
@@ -55,15 +56,21 @@ def candidate_positions(steps: dict[str, torch.Tensor], correct: torch.Tensor, p
     return top_k_commit(steps["confidence"], open_positions, quota)
 
 
+def follows_threshold(cfg: DecodeConfig) -> bool:
+    """Whether ``cfg`` decodes with a confidence threshold, alone or with a filter adding commits beside it."""
+    return cfg.policy == "threshold" or (cfg.policy == "learned" and cfg.learned_commit == "with_threshold")
+
+
 def collect_rollouts(model, tokenizer, problems: list[dict], cfg: DecodeConfig, threshold: Policy, per_pass: int,
                      min_confidence: float) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Record the decode of ``problems`` by ``threshold`` (``cfg``'s threshold policy) and label its candidate
-    positions by rollout; returns the step tensors and the problems with that decode as their reference
-    (``reference_correct`` is its verdict)."""
-    if cfg.policy != "threshold":
-        raise ValueError(f"rollouts follow a threshold decode, not policy={cfg.policy!r}")
+    """Record the decode of ``problems`` by ``threshold`` (``cfg``'s policy: a threshold, or a filter beside one)
+    and label its candidate positions by rollout; returns the step tensors and the problems with that decode as
+    their reference (``reference_correct`` is its verdict)."""
+    if not follows_threshold(cfg):
+        raise ValueError(f"rollouts follow a threshold decode (policy threshold, or learned with learned_commit "
+                         f"with_threshold), not policy={cfg.policy!r} with learned_commit={cfg.learned_commit!r}")
     recorder = StepRecorder()
-    decoded = list(iter_decoded(model, tokenizer, problems, cfg, desc="threshold trajectory", policy=threshold,
+    decoded = list(iter_decoded(model, tokenizer, problems, cfg, desc=f"{cfg.policy} trajectory", policy=threshold,
                                 on_step=recorder))
     correct = torch.tensor(grade_rows(decoded))  # [problems]
     steps = recorder.merged()

@@ -29,8 +29,8 @@ from l2pd_harness.loading import model_fingerprint, resolve_checkpoint
 from l2pd_harness.settings import SettingsError, coerce_fields, make_config
 
 TRAJECTORIES = ("reference", "oracle", "learned", "rollout")
-"""Whose decode a trace records; ``rollout`` labels a threshold decode's positions by rollout
-(:mod:`l2pd_harness.filter.rollouts`)."""
+"""Whose decode a trace records; ``rollout`` labels the positions a threshold decode (or a filter beside one) leaves
+by rollout (:mod:`l2pd_harness.filter.rollouts`)."""
 
 
 class TraceError(FilterError):
@@ -53,7 +53,8 @@ class TraceMeta:
     problems: int
     steps: int
     filter: str | None = None
-    """``learned`` trajectory: the filter that chose the commits, and its accept threshold."""
+    """``learned`` trajectory, or ``rollout`` beside a filter: the filter that chose the commits, and its accept
+    threshold."""
     accept_threshold: float | None = None
     threshold: float | None = None
     """``rollout`` trajectory: the confidence threshold of its decodes (a filter trained on it serves beside it)."""

@@ -172,15 +172,17 @@ def serving_settings(meta: TraceMeta) -> dict:
 
 
 def choose_accept_threshold(model, tokenizer, learned: LearnedFilter, problems: list[dict], meta: TraceMeta,
-                            max_drop: float, batch_size: int) -> tuple[float, list[dict]]:
-    """Lowest candidate threshold whose ``learned`` + EoTP decode of ``problems`` keeps every task within
-    ``max_drop`` of the reference's accuracy on them, as does every higher one; the whole search is returned for
-    the card; the decodes use :func:`serving_settings`."""
+                            serving: dict, max_drop: float, batch_size: int,
+                            candidates: tuple[float, ...] = ACCEPT_THRESHOLDS) -> tuple[float, list[dict]]:
+    """Lowest of ``candidates`` whose ``learned`` + EoTP decode of ``problems`` keeps every task within ``max_drop``
+    of the reference's accuracy on them, as does every higher one; the whole search is returned for the card; the
+    decodes use ``serving``, the way the filter decodes (:func:`serving_settings`, or its card's
+    ``training.decode_with``)."""
     search = []
-    for threshold in ACCEPT_THRESHOLDS:
+    for threshold in sorted(candidates):
         cfg = make_config({"gen_length": meta.gen_length, "block_length": meta.block_length, "policy": "learned",
                            "accept_threshold": threshold, "eotp": True, "cache": meta.cache,
-                           "batch_size": batch_size, **serving_settings(meta)})
+                           "batch_size": batch_size, **serving})
         rows = list(iter_decoded(model, tokenizer, problems, cfg, policy=build_policy(cfg, learned),
                                  desc=f"accept threshold {threshold}"))
         point = {"accept_threshold": threshold}
@@ -196,7 +198,7 @@ def choose_accept_threshold(model, tokenizer, learned: LearnedFilter, problems: 
         search.append(point)
     # The lowest threshold from which every higher candidate passes too: one lucky pass below a failing candidate
     # is noise on a few dozen problems, not a safe default.
-    chosen = max(ACCEPT_THRESHOLDS)
+    chosen = max(candidates)
     for point in reversed(search):
         if not point["within_drop"]:
             break
@@ -219,7 +221,7 @@ def train_filter(trace_dirs: list[Path], filter_cfg: FilterConfig, cfg: FilterTr
     learned = LearnedFilter(net, FilterCard(config=filter_cfg, base_model=meta.base_model, accept_threshold=None,
                                             cache=meta.cache))
     threshold, search = choose_accept_threshold(model, tokenizer, learned, data.val_problems, meta,
-                                                cfg.max_accuracy_drop, batch_size)
+                                                serving_settings(meta), cfg.max_accuracy_drop, batch_size)
     learned.card.accept_threshold = threshold
     learned.card.training = {"trace_dirs": [str(d) for d in trace_dirs],
                              "trajectories": sorted({m.trajectory for m in data.meta}),
@@ -253,10 +255,13 @@ def training_questions(card: FilterCard) -> set[str]:
 
 
 def rechoose_accept_threshold(learned: LearnedFilter, trace_dirs: list[Path], model, tokenizer, max_drop: float,
-                              batch_size: int = 32) -> LearnedFilter:
+                              batch_size: int = 32, thresholds: tuple[float, ...] = (),
+                              accept_candidates: tuple[float, ...] = ACCEPT_THRESHOLDS) -> LearnedFilter:
     """``learned`` with its default accept threshold chosen again, as ``train-filter`` chooses it, on every problem
-    of ``trace_dirs`` it was not fitted on (e.g. its own validation problems plus newly collected ones): the
-    weights are unchanged, the card records the new search and the choice it replaces."""
+    of ``trace_dirs`` it was not fitted on (e.g. its own validation problems plus newly collected ones), decoding as
+    its card says (``training.decode_with``). With ``thresholds`` (a filter that decodes beside a threshold) the
+    choice is made beside each, and the card keeps the threshold whose choice stays within ``max_drop`` in the
+    fewest passes. The weights are unchanged; the card records the searches and the choice it replaces."""
     trained_on = training_questions(learned.card)
     data = read_trace_dirs(trace_dirs, learned.card.config.features, lambda p: p["question"] not in trained_on)
     meta = data.meta[0]
@@ -268,11 +273,33 @@ def rechoose_accept_threshold(learned: LearnedFilter, trace_dirs: list[Path], mo
     if not data.val_problems:
         raise FilterError("every problem of these trace directories was used to fit the filter: collect traces on "
                           "other problems (another --data-seed)")
-    threshold, search = choose_accept_threshold(model, tokenizer, learned, data.val_problems, meta, max_drop,
-                                                batch_size)
-    previous = {"accept_threshold": learned.card.accept_threshold,
+    serving = learned.card.training.get("decode_with") or {}
+    if thresholds and serving.get("learned_commit") != "with_threshold":
+        raise FilterError(f"thresholds {list(thresholds)}: this filter does not decode beside a threshold (its "
+                          f"card's training.decode_with is {serving})")
+    tried = []
+    for setting in [{**serving, "threshold": t} for t in thresholds] or [serving]:
+        accept, search = choose_accept_threshold(model, tokenizer, learned, data.val_problems, meta, setting,
+                                                 max_drop, batch_size, accept_candidates)
+        tried.append({"decode_with": setting, "accept_threshold": accept, "threshold_search": search})
+    best = min(tried, key=serving_rank)
+    previous = {"accept_threshold": learned.card.accept_threshold, "decode_with": serving,
                 "problems": learned.card.validation.get("problems")}
     validation = {"problems": len(data.val_problems), "trace_dirs": [str(d) for d in trace_dirs],
-                  "max_accuracy_drop": max_drop, **precision_recall(learned.net, data, threshold),
-                  "threshold_search": search, "replaces": previous}
-    return LearnedFilter(learned.net, replace(learned.card, accept_threshold=threshold, validation=validation))
+                  "max_accuracy_drop": max_drop, **precision_recall(learned.net, data, best["accept_threshold"]),
+                  "threshold_search": best["threshold_search"], "replaces": previous}
+    card = replace(learned.card, accept_threshold=best["accept_threshold"], validation=validation)
+    if thresholds:
+        validation["serving_search"] = tried
+        card.training = {**card.training, "decode_with": best["decode_with"]}
+    return LearnedFilter(learned.net, card)
+
+
+def serving_rank(tried: dict) -> tuple:
+    """Order of the ways to serve tried by :func:`rechoose_accept_threshold`: those whose chosen accept threshold
+    stays within the drop first, by fewest passes (mean over tasks); then the others, by highest accuracy."""
+    point = next(p for p in tried["threshold_search"] if p["accept_threshold"] == tried["accept_threshold"])
+    tasks = [v for v in point.values() if isinstance(v, dict)]
+    passes = sum(t["mean_nfe"] for t in tasks) / len(tasks)
+    accuracy = sum(t["accuracy"] for t in tasks) / len(tasks)
+    return (0, passes) if point["within_drop"] else (1, -accuracy)

@@ -2,17 +2,29 @@
 # Issue 21's rollout-labelled filter, one command: label a threshold decode's left-over positions on training
 # problems by rollout ("does committing this one now keep the answer correct?"), then train a position_mlp filter
 # on those labels that serves beside the threshold (learned_commit=with_threshold). Usage:
-#   bash results/policy-rl/rollout-filter.sh [BLOCK_LENGTH] [THRESHOLD] [N] [CACHE]   (defaults 32, 0.9, 200, none)
+#   bash results/policy-rl/rollout-filter.sh [BLOCK_LENGTH] [THRESHOLD] [N] [CACHE] [FOLLOW]
+#   (defaults 32, 0.9, 200, none, no FOLLOW)
 # Writes results/policy-rl/rollouts/arith-bBLOCK-tTHRESHOLD[-CACHE]/ and
 # results/policy-rl/rollout-bBLOCK[-tTHRESHOLD][-CACHE].{safetensors,json} (suffixes only away from 0.9 and none).
+# FOLLOW, a filter this script wrote, makes a DAgger round: N other training problems (data seed 12) decoded by that
+# filter beside the threshold, their left-over positions labelled by rollout (traces ...-dagger/), and a filter
+# trained on the first round's traces and these together (rollout-...-dagger.*).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BLOCK=${1:-32}; THRESHOLD=${2:-0.9}; N=${3:-200}; CACHE=${4:-none}
+BLOCK=${1:-32}; THRESHOLD=${2:-0.9}; N=${3:-200}; CACHE=${4:-none}; FOLLOW=${5:-}
 SUFFIX=$([ "$CACHE" = none ] || echo "-$CACHE")
 TRACES=results/policy-rl/rollouts/arith-b$BLOCK-t$THRESHOLD$SUFFIX
 [ "$THRESHOLD" = 0.9 ] || SUFFIX="-t$THRESHOLD$SUFFIX"
 FEATURES=confidence,margin,entropy,position,committed_share,left_settled,confidence_rank,left_confidence,right_confidence,right_settled
-l2pd collect-traces --trajectory rollout --task arith --n "$N" --threshold "$THRESHOLD" --block-length "$BLOCK" \
-    --rollouts-per-pass 3 --cache "$CACHE" --out "$TRACES" --batch-size 128
-l2pd train-filter --traces "$TRACES" --architecture position_mlp --features "$FEATURES" \
+COLLECT=(l2pd collect-traces --trajectory rollout --task arith --n "$N" --threshold "$THRESHOLD"
+         --block-length "$BLOCK" --rollouts-per-pass 3 --cache "$CACHE" --batch-size 128)
+if [ -z "$FOLLOW" ]; then
+    "${COLLECT[@]}" --out "$TRACES"
+    ALL=("$TRACES")
+else
+    [ -d "$TRACES" ] || { echo "FOLLOW $FOLLOW: the first round's traces $TRACES are missing" >&2; exit 2; }
+    "${COLLECT[@]}" --data-seed 12 --filter "$FOLLOW" --out "$TRACES-dagger"
+    ALL=("$TRACES" "$TRACES-dagger"); SUFFIX="$SUFFIX-dagger"
+fi
+l2pd train-filter --traces "${ALL[@]}" --architecture position_mlp --features "$FEATURES" \
     --out "results/policy-rl/rollout-b$BLOCK$SUFFIX.safetensors"

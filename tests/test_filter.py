@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from l2pd_harness.decoding.policies import Learned, StepState
+from l2pd_harness.decoding.policies import Learned, StepState, top_k_commit
 from l2pd_harness.decoding.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from l2pd_harness.filter.model import (
     DEFAULT_FILTER,
@@ -120,6 +120,34 @@ def test_learned_policy_commits_above_the_accept_threshold() -> None:
     has_accepted = accepted.any(-1)
     assert torch.equal(commit[has_accepted], accepted[has_accepted])
     assert (commit[~has_accepted & state.masked.any(-1)].sum(-1) == 1).all()  # the fallback: the most confident
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("candidates", [1, 3, L])
+def test_judged_positions_alone_get_margin_and_entropy_and_commits_are_unchanged(batch: int, candidates: int) -> None:
+    """Beside a threshold with candidates the filter's margin and entropy are made at the judged positions only
+    (a gather of K rows of the logits per row, not the block's L); the commits are those of a filter fed every
+    position's features."""
+    gen = torch.Generator().manual_seed(batch)
+    logits = torch.randn(batch, L, 50, generator=gen, dtype=torch.float64) * 3  # [B, L, V]
+    probs = logits.softmax(-1)
+    masked = torch.rand(batch, L, generator=gen) < 0.8
+    state = StepState(confidence=probs.amax(-1), prediction=probs.argmax(-1), masked=masked,
+                      block_step=torch.zeros(batch, dtype=torch.long), noise=torch.zeros(batch, L), logits=logits)
+    learned = make_filter("position_mlp", seed=batch)
+    commit = Learned(learned, 0.5, threshold=0.6, candidates=candidates)(state)
+    assert state.margin is None  # the full [B, L, V] spread was never made
+    scores = learned(state)  # [B, L], every position's features (state.judged is None)
+    above = state.confidence > 0.6
+    asked = top_k_commit(state.confidence, masked & ~above, torch.full((batch,), candidates))
+    expected = (((scores > 0.5) & asked) | above) & masked
+    fallback = ~expected.any(-1) & masked.any(-1)  # rows with nothing accepted commit their most confident one
+    assert torch.equal(commit[~fallback], expected[~fallback])
+    assert (commit[fallback].sum(-1) == 1).all()
+    positions = asked.float().topk(min(candidates, L), dim=-1).indices  # [B, K]
+    margin, entropy = replace(state, judged=positions).spread_judged()
+    full_margin, full_entropy = state.spread()
+    assert torch.equal(margin[asked], full_margin[asked]) and torch.equal(entropy[asked], full_entropy[asked])
 
 
 def test_checkpoint_round_trip_and_compatibility(tmp_path: Path, random_checkpoint: Path) -> None:

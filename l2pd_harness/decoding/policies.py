@@ -7,7 +7,7 @@ returns a commit mask ``[B, L]`` over the block's ``L`` positions; it only ever 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -51,15 +51,35 @@ class StepState:
     filter_inputs: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
     """``[B, L, F]`` learned-filter inputs by feature names, kept when first made (``LearnedFilter.features``), so
     a step observer recording them for training reads the policy's own instead of making them again."""
+    judged: torch.Tensor | None = None
+    """``[B, K]`` long: block positions whose filter output the policy reads this step, ``K`` per row (a row with
+    fewer repeats some; ``None``: every masked position). ``Learned`` beside a threshold with ``K`` candidates per
+    pass sets it on the copy of the state it hands its filter, so a filter judging each position by its own
+    features makes margin and entropy at ``K`` positions per row instead of the block's ``L``."""
 
     def spread(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(margin, entropy)``, each ``[B, L]``."""
+        """``(margin, entropy)``, each ``[B, L]``, made once per step."""
         if self.margin is None or self.entropy is None:
-            probs = self.logits.double().softmax(-1)  # [B, L, V]
-            top2 = probs.topk(2, dim=-1).values  # [B, L, 2]
-            self.margin = top2[..., 0] - top2[..., 1]
-            self.entropy = torch.special.entr(probs).sum(-1)  # 0 * log 0 read as 0
+            self.margin, self.entropy = spread_of(self.logits)
         return self.margin, self.entropy
+
+    def spread_judged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(margin, entropy)``, each ``[B, L]``, made at the ``judged`` positions only (the others read as settled:
+        margin 1, entropy 0); not kept. Gathered by index, so no host sync."""
+        rows, vocab = self.logits.shape[0], self.logits.shape[-1]
+        index = self.judged[:, :, None].expand(rows, self.judged.shape[1], vocab)  # [B, K, V], a view
+        margin, entropy = spread_of(self.logits.gather(1, index))  # [B, K] each
+        settled_margin = torch.ones(self.masked.shape, dtype=margin.dtype, device=margin.device)  # [B, L]
+        return settled_margin.scatter(1, self.judged, margin), torch.zeros_like(settled_margin).scatter(
+            1, self.judged, entropy)
+
+
+def spread_of(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(margin, entropy)`` of ``logits [..., V]``, each ``[...]``: top-1 minus top-2 probability, and entropy in
+    nats, worked out in float64."""
+    probs = logits.double().softmax(-1)  # [..., V]
+    top2 = probs.topk(2, dim=-1).values  # [..., 2]
+    return top2[..., 0] - top2[..., 1], torch.special.entr(probs).sum(-1)  # 0 * log 0 read as 0
 
 
 class Policy(Protocol):
@@ -184,7 +204,8 @@ class Learned:
     confidence exceeds it; with ``schedule`` (the paper's rule) together with the schedule's commits, without it at
     least one (the most confident). With ``threshold`` and ``candidates`` the filter judges only the ``candidates``
     most confident masked positions the threshold leaves in each pass: the question rollout labels answer
-    (:mod:`l2pd_harness.filter.rollouts`), and a bound on how many uncertain positions one pass commits together."""
+    (:mod:`l2pd_harness.filter.rollouts`), and a bound on how many uncertain positions one pass commits together;
+    the filter is then told which positions it is asked about (``StepState.judged``)."""
 
     filter: Filter
     accept_threshold: float
@@ -193,16 +214,24 @@ class Learned:
     candidates: int | None = None
 
     def __call__(self, state: StepState) -> torch.Tensor:
-        accepted = self.filter(state) > self.accept_threshold  # [B, L]
-        if self.threshold is not None:
+        if self.threshold is None:
+            accepted = self.filter(state) > self.accept_threshold  # [B, L]
+        else:
             above = state.confidence > self.threshold  # [B, L]
-            if self.candidates is not None:
-                quota = torch.full_like(state.block_step, self.candidates)  # [B]
-                accepted &= top_k_commit(state.confidence, state.masked & ~above, quota)
-            accepted |= above
+            accepted = self.judge_left_over(state, above) | above
         if self.schedule is None:
             return at_least_one(accepted, state)
         return (accepted & state.masked) | self.schedule(state)
+
+    def judge_left_over(self, state: StepState, above: torch.Tensor) -> torch.Tensor:
+        """``[B, L]``: the masked positions under the threshold that the filter accepts (only the ``candidates``
+        most confident of them are asked)."""
+        if self.candidates is None:
+            return (self.filter(state) > self.accept_threshold) & state.masked & ~above
+        quota = torch.full_like(state.block_step, self.candidates)  # [B]
+        asked = top_k_commit(state.confidence, state.masked & ~above, quota)  # [B, L]
+        positions = asked.float().topk(min(self.candidates, asked.shape[1]), dim=-1).indices  # [B, K]
+        return (self.filter(replace(state, judged=positions)) > self.accept_threshold) & asked
 
 
 def build_learned(cfg: DecodeConfig, learned: Filter) -> Learned:

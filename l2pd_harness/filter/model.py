@@ -181,12 +181,20 @@ class LearnedFilter:
             return torch.sigmoid(self.net.to(features.device)(features))  # the net follows the model's device
 
     def features(self, state: StepState) -> torch.Tensor:
-        """``[B, L, F]``: the filter's inputs at this step, made once per step (kept on ``state``)."""
+        """``[B, L, F]``: the filter's inputs at this step, made once per step (kept on ``state``); a
+        ``position_mlp`` asked about ``state.judged`` positions only makes margin and entropy there (the other
+        positions' outputs are not read) and keeps nothing."""
         names = self.card.config.features
-        if names not in state.filter_inputs:
-            margin, entropy = state.spread() if {"margin", "entropy"} & set(names) else (None, None)
-            state.filter_inputs[names] = block_features(names, state.confidence, margin, entropy, state.masked)
-        return state.filter_inputs[names]
+        if names in state.filter_inputs:
+            return state.filter_inputs[names]
+        judged_only = state.judged is not None and self.card.config.architecture == "position_mlp"
+        margin, entropy = None, None
+        if {"margin", "entropy"} & set(names):
+            margin, entropy = state.spread_judged() if judged_only else state.spread()
+        features = block_features(names, state.confidence, margin, entropy, state.masked)
+        if not judged_only:
+            state.filter_inputs[names] = features
+        return features
 
     def save(self, path: str | Path) -> None:
         """Write ``path`` (``.safetensors``) and the card beside it (``.json``)."""

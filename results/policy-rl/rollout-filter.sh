@@ -9,22 +9,31 @@
 # FOLLOW, a filter this script wrote, makes a DAgger round: N other training problems (data seed 12) decoded by that
 # filter beside the threshold, their left-over positions labelled by rollout (traces ...-dagger/), and a filter
 # trained on the first round's traces and these together (rollout-...-dagger.*).
+# CLASS_WEIGHT=1 trains with --class-weight (the rare unsafe commits weigh as much as the safe ones; files -cw.*).
+# Trace directories already collected (meta.json present) are reused, so CLASS_WEIGHT=1 after a plain run only trains.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BLOCK=${1:-32}; THRESHOLD=${2:-0.9}; N=${3:-200}; CACHE=${4:-none}; FOLLOW=${5:-}
 SUFFIX=$([ "$CACHE" = none ] || echo "-$CACHE")
 TRACES=results/policy-rl/rollouts/arith-b$BLOCK-t$THRESHOLD$SUFFIX
 [ "$THRESHOLD" = 0.9 ] || SUFFIX="-t$THRESHOLD$SUFFIX"
+TRAIN_FLAGS=()
+[ "${CLASS_WEIGHT:-0}" = 1 ] && TRAIN_FLAGS=(--class-weight)
 FEATURES=confidence,margin,entropy,position,committed_share,left_settled,confidence_rank,left_confidence,right_confidence,right_settled
 COLLECT=(l2pd collect-traces --trajectory rollout --task arith --n "$N" --threshold "$THRESHOLD"
          --block-length "$BLOCK" --rollouts-per-pass 3 --cache "$CACHE" --batch-size 128)
+collect() {  # OUT [FLAGS...]: collect-traces unless OUT holds traces already
+    if [ -f "$1/meta.json" ]; then echo "reusing the traces in $1 (delete it to collect again)" >&2
+    else "${COLLECT[@]}" --out "$@"; fi
+}
 if [ -z "$FOLLOW" ]; then
-    "${COLLECT[@]}" --out "$TRACES"
+    collect "$TRACES"
     ALL=("$TRACES")
 else
     [ -d "$TRACES" ] || { echo "FOLLOW $FOLLOW: the first round's traces $TRACES are missing" >&2; exit 2; }
-    "${COLLECT[@]}" --data-seed 12 --filter "$FOLLOW" --out "$TRACES-dagger"
+    collect "$TRACES-dagger" --data-seed 12 --filter "$FOLLOW"
     ALL=("$TRACES" "$TRACES-dagger"); SUFFIX="$SUFFIX-dagger"
 fi
-l2pd train-filter --traces "${ALL[@]}" --architecture position_mlp --features "$FEATURES" \
+[ ${#TRAIN_FLAGS[@]} = 0 ] || SUFFIX="$SUFFIX-cw"
+l2pd train-filter --traces "${ALL[@]}" --architecture position_mlp --features "$FEATURES" "${TRAIN_FLAGS[@]}" \
     --out "results/policy-rl/rollout-b$BLOCK$SUFFIX.safetensors"

@@ -22,6 +22,8 @@ from l2pd_harness.filter.model import (
     block_features,
     load_filter,
     read_filter,
+    resolve_filter,
+    shipped_filters,
 )
 from l2pd_harness.filter.traces import StepRecorder, is_validation, read_problems
 from l2pd_harness.filter.train import (
@@ -33,6 +35,7 @@ from l2pd_harness.filter.train import (
     serving_rank,
     training_questions,
 )
+from l2pd_harness.loading import DEFAULT_MODEL_DIR
 from tests.test_cli import run_main
 from tests.test_policies import state_row
 
@@ -180,6 +183,27 @@ def test_shipped_filter_matches_the_shipped_model() -> None:
     learned = load_filter(None, None, 32)  # raises if it was trained on another model or block length
     assert DEFAULT_FILTER.is_file() and 0 < learned.card.accept_threshold < 1
     assert learned.card.validation["precision"] > 0.9
+
+
+@pytest.mark.parametrize(("name", "block_length", "cache"), [
+    ("learned-b32", 32, "none"), ("learned-b128", 128, "none"), ("learned-b32-dual", 32, "dual"),
+    ("learn2pd-block-mlp", 32, "none"), ("learn2pd-filter", 32, "none")])
+def test_shipped_filters_load_by_name(name: str, block_length: int, cache: str) -> None:
+    learned = load_filter(name, None, block_length)  # raises if trained on another model or block length
+    assert learned.card.cache == cache
+    assert shipped_filters(DEFAULT_MODEL_DIR) == sorted(
+        ["learned-b32", "learned-b128", "learned-b32-dual", "learn2pd-block-mlp", "learn2pd-filter"])
+
+
+def test_a_checkpoint_on_disk_wins_over_a_shipped_name_and_an_unknown_name_lists_the_shipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_filter("position_mlp").save(tmp_path / "learned-b32.safetensors")
+    assert resolve_filter("learned-b32", DEFAULT_MODEL_DIR) == Path("learned-b32")
+    assert resolve_filter("learned-b128", DEFAULT_MODEL_DIR) == DEFAULT_MODEL_DIR / "learned-b128"
+    with pytest.raises(FilterError, match="'nope': no checkpoint 'nope.safetensors' and no filter of that name "
+                                          "beside the model \\(shipped there: learn2pd-block-mlp, learn2pd-filter"):
+        resolve_filter("nope", DEFAULT_MODEL_DIR)
 
 
 def test_recorder_labels_predictions_against_the_reference() -> None:

@@ -281,6 +281,27 @@ def load_filter(path: str | Path | None, pretrained: str | Path | None, block_le
                               "(`l2pd collect-traces` then `l2pd train-filter`); only the shipped tiny model "
                               "comes with one")
         path = DEFAULT_FILTER
+    else:
+        path = resolve_filter(path, ckpt)
     learned = read_filter(path)
     check_compatible(learned.card, path, model_fingerprint(ckpt), block_length)
     return learned
+
+
+def resolve_filter(path: str | Path, model_dir: Path) -> Path:
+    """``path`` when a checkpoint is there or it names a folder; otherwise a bare name is the filter of that name
+    shipped beside the model (``learned-b32``: ``MODEL/learned-b32.safetensors``), refused in one line with the
+    names there when there is none."""
+    given = Path(path)
+    if checkpoint_paths(given)[0].is_file() or len(given.parts) > 1:
+        return given
+    beside = model_dir / given.name
+    if checkpoint_paths(beside)[0].is_file():
+        return beside
+    raise FilterError(f"filter {str(path)!r}: no checkpoint {str(checkpoint_paths(given)[0])!r} and no filter of "
+                      f"that name beside the model (shipped there: {', '.join(shipped_filters(model_dir)) or 'none'})")
+
+
+def shipped_filters(model_dir: Path) -> list[str]:
+    """Names of the filter checkpoints in a model directory (weights with a card beside them)."""
+    return sorted(weights.stem for weights in model_dir.glob("*.safetensors") if weights.with_suffix(".json").is_file())

@@ -187,12 +187,12 @@ def test_shipped_filter_matches_the_shipped_model() -> None:
 
 @pytest.mark.parametrize(("name", "block_length", "cache"), [
     ("learned-b32", 32, "none"), ("learned-b128", 128, "none"), ("learned-b32-dual", 32, "dual"),
-    ("learn2pd-block-mlp", 32, "none"), ("learn2pd-filter", 32, "none")])
+    ("learned-b128-dual", 128, "dual"), ("learn2pd-block-mlp", 32, "none"), ("learn2pd-filter", 32, "none")])
 def test_shipped_filters_load_by_name(name: str, block_length: int, cache: str) -> None:
     learned = load_filter(name, None, block_length)  # raises if trained on another model or block length
     assert learned.card.cache == cache
-    assert shipped_filters(DEFAULT_MODEL_DIR) == sorted(
-        ["learned-b32", "learned-b128", "learned-b32-dual", "learn2pd-block-mlp", "learn2pd-filter"])
+    assert shipped_filters(DEFAULT_MODEL_DIR) == sorted(["learned-b32", "learned-b128", "learned-b32-dual",
+                                                         "learned-b128-dual", "learn2pd-block-mlp", "learn2pd-filter"])
 
 
 def test_a_checkpoint_on_disk_wins_over_a_shipped_name_and_an_unknown_name_lists_the_shipped(

@@ -58,9 +58,9 @@ class DecodeConfig:
     """``factor``: commit the n most confident positions while (n + 1) * (1 - c_n) < factor (at least one)."""
     filter: str | None = None
     """``learned``: filter checkpoint from `l2pd train-filter`, or the name of one shipped beside the model (the tiny
-    model's: learned-b32, learned-b128 and learned-b32-dual, issue 21's rollout-labelled filters for block 32,
-    block 128 and block 32 with the dual cache; learn2pd-filter, the default; learn2pd-block-mlp, the paper's
-    architecture); ``None`` is learn2pd-filter (usable on the tiny model only)."""
+    model's: learned-b32, learned-b128, learned-b32-dual and learned-b128-dual, issue 21's rollout-labelled
+    filters for block 32 and 128, without a cache and with the dual cache; learn2pd-filter, the default;
+    learn2pd-block-mlp, the paper's architecture); ``None`` is learn2pd-filter (usable on the tiny model only)."""
     accept_threshold: float | None = None
     """``learned``: commit the masked positions whose filter probability exceeds this (at least one); ``None`` is
     the filter's own default, chosen on validation problems."""

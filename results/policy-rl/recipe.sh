@@ -2,12 +2,13 @@
 # Issue 21's learned decode policies, one command: every filter the dominance table of README.md rests on, trained
 # from scratch on arith training problems (trace directories already collected are reused). About 90 minutes on 2
 # CPU cores from nothing; minutes when the traces are committed. The filters shipped by name beside the tiny model
-# (learned-b32, learned-b128, learned-b32-dual) are copies of three of them. Usage: bash results/policy-rl/recipe.sh
+# (learned-b32, learned-b128, learned-b32-dual, learned-b128-dual) are copies of four of them. Usage: bash results/policy-rl/recipe.sh
 #   block 32, no cache:  rollout-b32-t0.95-dagger   (rollouts beside threshold 0.95, then a DAgger round)
 #   block 128, no cache: rollout-b128               (rollouts beside threshold 0.9)
 #   block 32, dual:      rollout-b32-dual-dagger-cw (dual-cache rollouts, a DAgger round, class weights; its
 #                        setting chosen again on 160 held-out problems: rollout-b32-dual-dagger-cw-rechosen)
-#   block 128, dual:     rollout-b128-dual-dagger-cw
+#   block 128, dual:     rollout-b128-dual-dagger-cw (the same; setting chosen again on 100 held-out problems decoded
+#                        here: rollout-b128-dual-dagger-cw-rechosen)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FILTERS=results/policy-rl
@@ -22,3 +23,9 @@ l2pd choose-threshold --filter "$FILTERS/rollout-b32-dual-dagger-cw.safetensors"
     --traces results/learn2pd/traces/tr-arith-oracle-fill-dual results/learn2pd/traces/tr-arith13-oracle-fill-dual \
     --thresholds 0.95,0.99 --accept-thresholds 0.5,0.8,0.9 --decode-batch-size 64 \
     --out "$FILTERS/rollout-b32-dual-dagger-cw-rechosen.safetensors"
+VALIDATION=results/policy-rl/validation/arith-b128-oracle-dual
+[ -f "$VALIDATION/meta.json" ] || l2pd collect-traces --task arith --n 100 --data-seed 21 --trajectory oracle \
+    --block-length 128 --cache dual --eotp --batch-size 64 --out "$VALIDATION"
+l2pd choose-threshold --filter "$FILTERS/rollout-b128-dual-dagger-cw.safetensors" --traces "$VALIDATION" \
+    --accept-thresholds 0.3,0.5,0.8,0.9 --decode-batch-size 64 \
+    --out "$FILTERS/rollout-b128-dual-dagger-cw-rechosen.safetensors"

@@ -224,10 +224,10 @@ class Learned:
         return (accepted & state.masked) | self.schedule(state)
 
     def judge_left_over(self, state: StepState, above: torch.Tensor) -> torch.Tensor:
-        """``[B, L]``: the masked positions under the threshold that the filter accepts (only the ``candidates``
-        most confident of them are asked)."""
+        """``[B, L]``: the positions under the threshold that the filter accepts (only the ``candidates`` most
+        confident masked ones are asked); the caller keeps masked positions only."""
         if self.candidates is None:
-            return (self.filter(state) > self.accept_threshold) & state.masked & ~above
+            return self.filter(state) > self.accept_threshold
         quota = torch.full_like(state.block_step, self.candidates)  # [B]
         asked = top_k_commit(state.confidence, state.masked & ~above, quota)  # [B, L]
         positions = asked.float().topk(min(self.candidates, asked.shape[1]), dim=-1).indices  # [B, K]

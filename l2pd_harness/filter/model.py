@@ -293,13 +293,14 @@ def resolve_filter(path: str | Path, model_dir: Path) -> Path:
     shipped beside the model (``learned-b32``: ``MODEL/learned-b32.safetensors``), refused in one line with the
     names there when there is none."""
     given = Path(path)
-    if checkpoint_paths(given)[0].is_file() or len(given.parts) > 1:
+    weights = checkpoint_paths(given)[0]
+    if weights.is_file() or len(given.parts) > 1:
         return given
     beside = model_dir / given.name
     if checkpoint_paths(beside)[0].is_file():
         return beside
-    raise FilterError(f"filter {str(path)!r}: no checkpoint {str(checkpoint_paths(given)[0])!r} and no filter of "
-                      f"that name beside the model (shipped there: {', '.join(shipped_filters(model_dir)) or 'none'})")
+    raise FilterError(f"filter {str(path)!r}: no checkpoint {str(weights)!r} and no filter of that name beside the "
+                      f"model (shipped there: {', '.join(shipped_filters(model_dir)) or 'none'})")
 
 
 def shipped_filters(model_dir: Path) -> list[str]:

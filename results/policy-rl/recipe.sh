@@ -2,7 +2,8 @@
 # Issue 21's learned decode policies, one command: every filter the dominance table of README.md rests on, trained
 # from scratch on arith training problems (trace directories already collected are reused). About 90 minutes on 2
 # CPU cores from nothing; minutes when the traces are committed. The filters shipped by name beside the tiny model
-# (learned-b32, learned-b128, learned-b32-dual, learned-b128-dual) are copies of four of them. Usage: bash results/policy-rl/recipe.sh
+# (learned-b32, learned-b128, learned-b32-dual, learned-b128-dual) are copies of four of them.
+# Usage: bash results/policy-rl/recipe.sh
 #   block 32, no cache:  rollout-b32-t0.95-dagger   (rollouts beside threshold 0.95, then a DAgger round)
 #   block 128, no cache: rollout-b128               (rollouts beside threshold 0.9)
 #   block 32, dual:      rollout-b32-dual-dagger-cw (dual-cache rollouts, a DAgger round, class weights; its

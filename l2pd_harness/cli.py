@@ -176,7 +176,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
         "data", help="write problems of a synthetic task as JSONL",
         description="Write N distinct problems of a task split as JSONL (GSM8K's question/answer fields, plus "
                     "prompt and task). Train and test splits are disjoint by construction.")
-    p.add_argument("name", type=task_name, help="task: arith, listops or pairsum")
+    p.add_argument("name", type=task_name, help="task: arith, changeone, listops or pairsum")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split (test)")
     p.add_argument("--n", type=positive_int, default=500, help="number of problems (500)")
     p.add_argument("--seed", type=int, default=123, help="sampling seed (123)")
@@ -196,7 +196,8 @@ def add_grade_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "grade", help="score generated JSONL against its reference answers",
         description="Grade the 'text' of each row of a `l2pd generate` output against its 'answer', with the "
-                    "grader of its 'task' (arith: the number after ####; listops: exact match). Prints JSON.")
+                    "grader of its 'task' (arith: the number after ####; listops: exact match; pairsum: any valid "
+                    "pair; changeone: any one digit changed to 0). Prints JSON.")
     p.add_argument("--input", type=Path, required=True, help="JSONL from `l2pd generate` on `l2pd data` output")
     p.set_defaults(func=run_grade)
 
@@ -277,7 +278,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", help="decode held-out problems of a task and report accuracy and forward passes",
         description="Sample held-out problems (as `l2pd data`), decode them (as `l2pd generate`) and grade them "
                     "(as `l2pd grade`) in one go. Prints a JSON summary.")
-    p.add_argument("--task", type=task_name, required=True, help="a task of the suite (arith, listops, pairsum)")
+    p.add_argument("--task", type=task_name, required=True,
+                   help="a task of the suite (arith, changeone, listops, pairsum)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split (test)")
     p.add_argument("--n", type=positive_int, default=500, help="number of problems (500)")
     p.add_argument("--data-seed", type=int, default=123, help="problem sampling seed (123)")
@@ -634,7 +636,7 @@ def run_train_policy(args: argparse.Namespace) -> None:
 def add_tasks_dir_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tasks-dir", help="print the folder of the lm-eval task YAMLs shipped with the package",
-        description="Print the installed folder of the package's lm-eval tasks (arith, listops, pairsum, "
+        description="Print the installed folder of the package's lm-eval tasks (arith, changeone, listops, pairsum, "
                     "gsm8k_local), for lm-eval's --include_path: "
                     "lm_eval --model l2pd --tasks arith --include_path \"$(l2pd tasks-dir)\"")
     p.set_defaults(func=lambda _: print(TASKS_DIR))

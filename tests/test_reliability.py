@@ -310,7 +310,7 @@ def test_grade_and_generate_refuse_bad_rows(capsys, tmp_path: Path) -> None:
 @pytest.mark.parametrize("tasks, bad", [("foo", "'foo'"), ("arith,", "''")])
 def test_task_lists_are_checked_by_the_parser(capsys, command: str, tasks: str, bad: str) -> None:
     assert one_line_error(capsys, command, "--out", "unused", "--task", tasks).endswith(
-        f"argument --task: invalid task {bad} (choose from arith, listops, pairsum)")
+        f"argument --task: invalid task {bad} (choose from arith, changeone, listops, pairsum)")
 
 
 @pytest.mark.parametrize("canvas", [["a", "b"], [10 ** 9], [-5], [1.0, 2.0], "12"])

@@ -18,7 +18,7 @@ from l2pd_harness.training import base
 from l2pd_harness.training.base import BaseTrainConfig, train_base
 
 
-@pytest.mark.parametrize("task", ["arith", "listops", "pairsum"])
+@pytest.mark.parametrize("task", ["arith", "listops", "pairsum", "changeone"])
 def test_splits_are_disjoint_and_seeded(task: str) -> None:
     test = sample_problems(task, "test", 200, seed=123)
     train = sample_problems(task, "train", 2000, seed=0)
@@ -63,6 +63,35 @@ def test_pairsum_problems_have_several_valid_answers() -> None:
         assert pairsum.grade(problem["answer"], problem)
         lengths.add(len(problem["answer"].split()[0]) + len(problem["answer"].split()[2]))
     assert lengths == {2, 3, 4}  # one- and two-digit numbers: the answer's length depends on the pair
+
+
+def test_changeone_grader_accepts_any_one_digit_changed_and_nothing_else() -> None:
+    changeone = get_task("changeone")
+    problem = {"question": "Copy the numbers 7, 3, 9, 1, 4, 4, 2, 8, 5, 6, 3, 2 and change any one of them to 0.",
+               "answer": "7, 3, 0, 1, 4, 4, 2, 8, 5, 6, 3, 2"}
+    digits = "7, 3, 9, 1, 4, 4, 2, 8, 5, 6, 3, 2".split(", ")
+    for position in range(len(digits)):
+        answer = ", ".join("0" if i == position else d for i, d in enumerate(digits))
+        assert changeone.grade(answer, problem) and changeone.grade(f" {answer} ", problem), answer
+    unchanged = ", ".join(digits)
+    for answer in (unchanged, unchanged.replace("7", "0", 1).replace("9", "0"), unchanged.replace("7", "5", 1),
+                   unchanged.replace("7", "0", 1) + ", 1", "0, 3, 9", "", "7 3 0 1 4 4 2 8 5 6 3 2"):
+        assert not changeone.grade(answer, problem), answer
+
+
+def test_changeone_digits_each_kept_above_threshold_but_never_all_kept() -> None:
+    """What makes the task separate a confidence threshold from one token per step: every problem lists at least
+    11 digits, so before the answer is written each digit is kept with probability above 0.9, yet the answer that
+    keeps them all is wrong; and the list's length, hence the answer's, varies."""
+    changeone = get_task("changeone")
+    lengths = set()
+    for problem in sample_problems("changeone", "train", 300, seed=2):
+        listed = problem["question"].split("numbers ")[1].split(" and")[0]
+        n = len(listed.split(", "))
+        assert (n - 1) / n > 0.9 and not changeone.grade(listed, problem)
+        assert changeone.grade(problem["answer"], problem)
+        lengths.add(n)
+    assert len(lengths) >= 4
 
 
 def test_arith_solutions_are_consistent() -> None:
@@ -134,6 +163,18 @@ def test_pairsum_lm_eval_task_reads_its_data_and_accepts_any_valid_pair() -> Non
     doc = {"question": "Which two of the numbers (3, 14), (11, 6) and (9, 8) add up to 17?", "answer": "3 + 14 = 17"}
     assert valid_pair(doc, ["11 + 6 = 17"]) == {"exact_match": 1.0}
     assert valid_pair(doc, ["3 + 11 = 17"]) == {"exact_match": 0.0}
+
+
+def test_changeone_lm_eval_task_reads_its_data_and_accepts_any_one_change() -> None:
+    from l2pd_harness.lm_eval_tasks import known_tasks
+    from l2pd_harness.lm_eval_tasks.utils import changes_one, load_changeone
+
+    assert "changeone" in known_tasks()
+    docs = load_changeone()["test"]
+    assert len(docs) == 500 and list(docs) == sample_problems("changeone", "test", 500, seed=123)
+    doc = {"question": "Copy the numbers 7, 3, 9, 1, 4, 4, 2, 8, 5, 6, 3 and change any one of them to 0."}
+    assert changes_one(doc, ["7, 3, 9, 1, 4, 4, 2, 8, 5, 6, 0"]) == {"exact_match": 1.0}
+    assert changes_one(doc, ["7, 3, 9, 1, 4, 4, 2, 8, 5, 6, 3"]) == {"exact_match": 0.0}
 
 
 def test_task_weights_set_each_tasks_share_of_a_batch() -> None:

@@ -1,6 +1,6 @@
 """Datasets of the l2pd task YAMLs, read from local files only (no hub access at run time).
 
-``arith``, ``listops`` and ``pairsum`` read ``data/<task>_test.jsonl`` next to this file, written by
+``arith``, ``listops``, ``pairsum`` and ``changeone`` read ``data/<task>_test.jsonl`` next to this file, written by
 ``l2pd data <task> --split test --n 500 --seed 123 --out l2pd_harness/lm_eval_tasks/data/<task>_test.jsonl``.
 ``gsm8k_local`` reads ``train.jsonl`` and ``test.jsonl`` (GSM8K's own files) from the directory in ``$GSM8K_DIR``.
 lm-eval loads this file by its path (``!function utils.NAME``), so it imports the package absolutely.
@@ -54,9 +54,18 @@ def load_pairsum(**_: object) -> datasets.DatasetDict:
     return read_splits("pairsum", {"test": HERE / "data" / "pairsum_test.jsonl"})
 
 
+def load_changeone(**_: object) -> datasets.DatasetDict:
+    return read_splits("changeone", {"test": HERE / "data" / "changeone_test.jsonl"})
+
+
 def valid_pair(doc: dict, results: list[str]) -> dict[str, float]:
     """Any valid pair of the question's list counts (the task's own grader), not only the reference string."""
     return {"exact_match": float(get_task("pairsum").grade(results[0], doc))}
+
+
+def changes_one(doc: dict, results: list[str]) -> dict[str, float]:
+    """Any answer that changes exactly one listed digit to 0 counts (the task's own grader)."""
+    return {"exact_match": float(get_task("changeone").grade(results[0], doc))}
 
 
 def exact_match_listops(doc: dict, results: list[str]) -> dict[str, float]:

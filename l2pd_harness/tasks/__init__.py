@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from l2pd_harness.tasks import arith, listops, pairsum
+from l2pd_harness.tasks import arith, changeone, listops, pairsum
 
 SPLITS = ("train", "test")
 TEST_SHARE = 10  # one problem in TEST_SHARE (by a hash of its question) belongs to the test split
@@ -42,10 +42,15 @@ def grade_pair(completion: str, problem: dict[str, str]) -> bool:
     return pairsum.valid_pair(completion, problem["question"])
 
 
+def grade_change(completion: str, problem: dict[str, str]) -> bool:
+    return changeone.changes_one(completion, problem["question"])
+
+
 TASKS = {
     "arith": Task("arith", arith.make_problem, grade_final_number),
     "listops": Task("listops", listops.make_problem, grade_exact),
     "pairsum": Task("pairsum", pairsum.make_problem, grade_pair),
+    "changeone": Task("changeone", changeone.make_problem, grade_change),
 }
 
 

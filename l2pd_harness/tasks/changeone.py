@@ -18,7 +18,7 @@ import re
 
 MIN_DIGITS, MAX_DIGITS = 12, 16
 CHANGED = 0
-QUESTION = re.compile(r"Copy the numbers ((?:[1-9], )+[1-9]) and change any one of them to 0\.")
+QUESTION = re.compile(rf"Copy the numbers ((?:[1-9], )+[1-9]) and change any one of them to {CHANGED}\.")
 
 
 def make_problem(rng: random.Random) -> dict[str, str]:
@@ -30,12 +30,17 @@ def make_problem(rng: random.Random) -> dict[str, str]:
             "answer": ", ".join(map(str, changed))}
 
 
-def changes_one(completion: str, question: str) -> bool:
-    """Whether ``completion`` is the question's list with exactly one digit changed to 0."""
+def listed_digits(question: str) -> list[str]:
+    """The digits a changeone question lists, in order."""
     asked = QUESTION.fullmatch(question)
     if asked is None:
         raise ValueError(f"not a changeone question: {question!r}")
-    listed = asked.group(1).split(", ")
+    return asked.group(1).split(", ")
+
+
+def changes_one(completion: str, question: str) -> bool:
+    """Whether ``completion`` is the question's list with exactly one digit changed to 0."""
+    listed = listed_digits(question)
     written = completion.strip().split(", ")
     if len(written) != len(listed):
         return False

@@ -15,6 +15,7 @@ import torch
 
 from l2pd_harness.loading import load_model, load_tokenizer
 from l2pd_harness.tasks import sample_problems
+from l2pd_harness.tasks.changeone import listed_digits
 from l2pd_harness.text import encode_prompt, token_ids
 
 GEN_LENGTH = 64
@@ -33,8 +34,7 @@ def main(model_dir: str, n: int) -> None:
     p_zero = {m: 0.0 for m in ("1", "2", "4", "all")}
     all_kept = 0
     for problem in sample_problems("changeone", "test", n, seed=123):
-        listed = problem["question"].split("numbers ")[1].split(" and")[0]
-        answer = token_ids(tokenizer, listed)
+        answer = token_ids(tokenizer, ", ".join(listed_digits(problem["question"])))
         canvas = answer + [model.config.eos_token_id] * (GEN_LENGTH - len(answer))
         prompt = encode_prompt(tokenizer, problem["question"])
         digits = list(range(0, len(answer), 2))  # digit, comma, digit, ...

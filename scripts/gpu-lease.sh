@@ -6,7 +6,7 @@
 # at most 8 files): train.tar.gz (the checkpoint without its optimiser state, eval.jsonl, train.log) and check.tar.gz.
 # Run it as: OUT=... bash scripts/gpu-lease.sh (the device tool sets OUT). The working tree travels only under 64 MiB:
 # move results/sweep-full, results/tiny-model/candidate-pairsum and results/tiny-model/pairsum-copy aside for the
-# call (the rest is about 51 MiB).
+# call (the rest is about 40 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu-lease}"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The shipped model card's accuracy rows that the full sweep (analysis/full.sh: arith, changeone and pairsum at
 # k = 1, 2, 4, 8 tokens per step, gen 256) does not give: listops at k = 1, 2, 4, 8 (gen 256) and one token per step
-# + EoTP at gen 1024 for every task, one `l2pd evaluate` summary row each (results/tiny-model/card-changeone.jsonl).
-# About an hour on 2 CPU cores; minutes on a GPU:
+# + EoTP at gen 1024 for every task, one `l2pd evaluate` summary row each (results/tiny-model/card-changeone.jsonl;
+# its changeone, listops and pairsum rows at 1024 were measured with BATCH=100, which does not change outputs).
+# 57 minutes on 2 CPU cores (2026-12-06); minutes on a GPU:
 #   DEVICE=cuda BATCH=200 bash results/tiny-model/reproduce.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -14,21 +14,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export POLICY_RL=${POLICY_RL:-results/policy-rl}
-FILTERS=$POLICY_RL; SCRIPTS=results/policy-rl
-bash $SCRIPTS/rollout-filter.sh 32 0.95 200 none
-bash $SCRIPTS/rollout-filter.sh 32 0.95 200 none "$FILTERS/rollout-b32-t0.95.safetensors"
-bash $SCRIPTS/rollout-filter.sh 128 0.9 200 none
+ROLLOUT_FILTER=results/policy-rl/rollout-filter.sh
+bash $ROLLOUT_FILTER 32 0.95 200 none
+bash $ROLLOUT_FILTER 32 0.95 200 none "$POLICY_RL/rollout-b32-t0.95.safetensors"
+bash $ROLLOUT_FILTER 128 0.9 200 none
 for BLOCK in 32 128; do
-    bash $SCRIPTS/rollout-filter.sh "$BLOCK" 0.9 200 dual
-    CLASS_WEIGHT=1 bash $SCRIPTS/rollout-filter.sh "$BLOCK" 0.9 200 dual "$FILTERS/rollout-b$BLOCK-dual.safetensors"
+    bash $ROLLOUT_FILTER "$BLOCK" 0.9 200 dual
+    CLASS_WEIGHT=1 bash $ROLLOUT_FILTER "$BLOCK" 0.9 200 dual "$POLICY_RL/rollout-b$BLOCK-dual.safetensors"
 done
-l2pd choose-threshold --filter "$FILTERS/rollout-b32-dual-dagger-cw.safetensors" \
+l2pd choose-threshold --filter "$POLICY_RL/rollout-b32-dual-dagger-cw.safetensors" \
     --traces results/learn2pd/traces/tr-arith-oracle-fill-dual results/learn2pd/traces/tr-arith13-oracle-fill-dual \
     --thresholds 0.95,0.99 --accept-thresholds 0.5,0.8,0.9 --decode-batch-size 64 \
-    --out "$FILTERS/rollout-b32-dual-dagger-cw-rechosen.safetensors"
-VALIDATION=$FILTERS/validation/arith-b128-oracle-dual
+    --out "$POLICY_RL/rollout-b32-dual-dagger-cw-rechosen.safetensors"
+VALIDATION=$POLICY_RL/validation/arith-b128-oracle-dual
 [ -f "$VALIDATION/meta.json" ] || l2pd collect-traces --task arith --n 100 --data-seed 21 --trajectory oracle \
     --block-length 128 --cache dual --eotp --batch-size 64 --out "$VALIDATION"
-l2pd choose-threshold --filter "$FILTERS/rollout-b128-dual-dagger-cw.safetensors" --traces "$VALIDATION" \
+l2pd choose-threshold --filter "$POLICY_RL/rollout-b128-dual-dagger-cw.safetensors" --traces "$VALIDATION" \
     --accept-thresholds 0.3,0.5,0.8,0.9 --decode-batch-size 64 \
-    --out "$FILTERS/rollout-b128-dual-dagger-cw-rechosen.safetensors"
+    --out "$POLICY_RL/rollout-b128-dual-dagger-cw-rechosen.safetensors"

@@ -44,7 +44,7 @@ from l2pd_harness.files import (
     write_atomic,
 )
 from l2pd_harness.filter.model import LearnedFilter, load_filter
-from l2pd_harness.loading import load_model
+from l2pd_harness.loading import load_model, model_fingerprint, resolve_checkpoint
 from l2pd_harness.settings import coerce, decode_setup, make_config
 from l2pd_harness.tasks import DEFAULT_TASKS, TASKS, sample_problems
 
@@ -269,9 +269,11 @@ def run_settings(args: argparse.Namespace, run: Run, filters: dict[str, str | No
 
 
 def setup_of(args: argparse.Namespace) -> dict:
-    """What the figures depend on besides the configuration: a results file holds runs of one setup."""
-    return {"n": args.n, "data_seed": args.data_seed, "gen_length": args.gen_length,
-            "block_length": args.block_length, "batch_size": args.batch_size, "dtype": "float32",
+    """What the figures depend on besides the configuration: a results file holds runs of one setup. The model's
+    fingerprint is part of it, so a retrained model's runs are not skipped as if its predecessor's were its own."""
+    return {"model": model_fingerprint(resolve_checkpoint(args.model)), "n": args.n, "data_seed": args.data_seed,
+            "gen_length": args.gen_length, "block_length": args.block_length, "batch_size": args.batch_size,
+            "dtype": "float32",
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores "
                        f"({args.device})".replace("  ", " "),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}

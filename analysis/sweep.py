@@ -4,7 +4,7 @@
 
 The grid file::
 
-    tasks: [arith, listops]
+    tasks: [arith, changeone, pairsum]
     limit: 32            # documents per task (null: all)
     batch_size: 32
     model_args: {gen_length: 256, block_length: 32}      # shared by every configuration

@@ -44,9 +44,9 @@ from l2pd_harness.files import (
     write_atomic,
 )
 from l2pd_harness.filter.model import LearnedFilter, load_filter
-from l2pd_harness.loading import load_model
+from l2pd_harness.loading import load_model, model_fingerprint, resolve_checkpoint
 from l2pd_harness.settings import coerce, decode_setup, make_config
-from l2pd_harness.tasks import TASKS, sample_problems
+from l2pd_harness.tasks import DEFAULT_TASKS, TASKS, sample_problems
 
 HERE = Path(__file__).resolve().parent
 KNOB_SETTINGS = {"threshold": "threshold", "isolated": "threshold", "factor": "factor", "learned": "accept_threshold"}
@@ -207,7 +207,8 @@ def float_list(text: str) -> list[float]:
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped tiny model)")
-    p.add_argument("--tasks", default="arith,listops", help="comma-separated tasks (arith,listops)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated tasks ({','.join(DEFAULT_TASKS)})")
     p.add_argument("--n", type=positive_int, default=200, help="held-out problems per task (200)")
     p.add_argument("--data-seed", type=int, default=123, help="problem sampling seed (123)")
     p.add_argument("--gen-length", type=int, default=256, help="canvas positions (256)")
@@ -268,9 +269,11 @@ def run_settings(args: argparse.Namespace, run: Run, filters: dict[str, str | No
 
 
 def setup_of(args: argparse.Namespace) -> dict:
-    """What the figures depend on besides the configuration: a results file holds runs of one setup."""
-    return {"n": args.n, "data_seed": args.data_seed, "gen_length": args.gen_length,
-            "block_length": args.block_length, "batch_size": args.batch_size, "dtype": "float32",
+    """What the figures depend on besides the configuration: a results file holds runs of one setup. The model's
+    fingerprint is part of it, so a retrained model's runs are not skipped as if its predecessor's were its own."""
+    return {"model": model_fingerprint(resolve_checkpoint(args.model)), "n": args.n, "data_seed": args.data_seed,
+            "gen_length": args.gen_length, "block_length": args.block_length, "batch_size": args.batch_size,
+            "dtype": "float32",
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores "
                        f"({args.device})".replace("  ", " "),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}

@@ -26,10 +26,10 @@ from l2pd_harness.evaluation import iter_decoded, summarise_rows
 from l2pd_harness.filter.model import DEFAULT_FILTER
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint
 from l2pd_harness.settings import decode_setup
-from l2pd_harness.tasks import sample_problems
+from l2pd_harness.tasks import DEFAULT_TASKS, sample_problems
 
 FORMAT = "l2pd-regression/1"
-TASKS = ("arith", "listops")
+TASKS = DEFAULT_TASKS
 DATA_SEED = 123
 """Held-out test problems are drawn with this seed (the benchmarks' seed)."""
 NFE_GROWTH = 0.05

@@ -5,8 +5,8 @@
 # other's results; what either wrote before its limit is kept. Results are packed into $OUT (the device tool returns
 # at most 8 files): train.tar.gz (the checkpoint without its optimiser state, eval.jsonl, train.log) and check.tar.gz.
 # Run it as: OUT=... bash scripts/gpu-lease.sh (the device tool sets OUT). The working tree travels only under 64 MiB:
-# move results/sweep-full, results/tiny-model/candidate-pairsum and results/tiny-model/pairsum-copy aside for the
-# call (the rest is about 51 MiB).
+# move results/sweep-full, results/policy-rl, results/tiny-model/candidate-pairsum and results/tiny-model/pairsum-copy
+# aside for the call (the rest is about 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu-lease}"

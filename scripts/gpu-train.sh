@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The base-model training that 2 CPU cores cannot do, in under 12 minutes on one H100/H200: fine-tune the last
-# committed checkpoint (results/tiny-model/changeone, the CPU fine-tune that learned pairsum with partners listed and
-# changeone, unless INIT names another) on arith, listops, pairsum and changeone (weights 2,1,2,3), with more long
-# padded canvases (EoTP at gen 1024) and half the samples masked block-wise as a block-32 decode sees them (what took
-# arith from 71% to 97% at block 32 on the CPU), then measure the one-token reference on 500 held-out problems per
-# task at gen 256, and LONG_N of them at gen 1024 with and without EoTP.
+# committed checkpoint (the shipped model, l2pd_harness/assets/tiny-llada, unless INIT names another) on arith,
+# listops, pairsum and changeone (weights 2,1,2,3), with more long padded canvases (EoTP at gen 1024) and half the
+# samples masked block-wise as a block-32 decode sees them (what took arith from 71% to 97% at block 32 on the CPU),
+# then measure the one-token reference on 500 held-out problems per task at gen 256, and LONG_N of them at gen 1024
+# with and without EoTP.
 # Writes the checkpoint and eval.jsonl under $OUT (the device tool) or runs/gpu-train; commit them with the GPU named
 # (training_log.json records the device). Runs here too for a smoke test: DEVICE=cpu STEPS=2 TOKENS=2048 N=4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RESULTS="${OUT:-runs/gpu-train}"
-INIT="${INIT:-results/tiny-model/changeone}"
+INIT="${INIT:-l2pd_harness/assets/tiny-llada}"
 DEVICE="${DEVICE:-cuda}"; STEPS="${STEPS:-8000}"; TOKENS="${TOKENS:-65536}"; N="${N:-500}"; LONG_N="${LONG_N:-$N}"
 PY=$(command -v python3 || command -v python)
 l2pd() { "$PY" -m l2pd_harness.cli "$@"; }

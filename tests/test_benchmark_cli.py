@@ -85,6 +85,13 @@ def test_a_directory_as_results_file_is_one_line(error_of, tmp_path: Path) -> No
     assert error_of("--out", str(tmp_path)) == f"--out {str(tmp_path)!r} is a directory, expected a file"
 
 
+def test_results_of_another_model_are_refused(error_of, tmp_path: Path) -> None:
+    path = tmp_path / "b.json"
+    setup = {**decode.setup_of(decode.build_parser().parse_args([])), "model": "sha256:41e886a1f6b8cf82"}
+    path.write_text(json.dumps({"setup": setup, "runs": {}}))
+    assert error_of("--out", str(path)).startswith(f"--out {str(path)!r} holds results of another setup")
+
+
 def test_an_unknown_redo_is_one_line(error_of, tmp_path: Path) -> None:
     path = tmp_path / "b.json"
     setup = decode.setup_of(decode.build_parser().parse_args([]))

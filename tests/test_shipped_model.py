@@ -22,7 +22,7 @@ def test_default_is_the_shipped_checkpoint(shipped) -> None:
     assert tokenizer.chat_template
 
 
-@pytest.mark.parametrize("task", ["arith", "listops"])
+@pytest.mark.parametrize("task", ["arith", "changeone", "listops", "pairsum"])
 def test_solves_the_first_held_out_problems(shipped, task: str) -> None:
     model, tokenizer = shipped
     problems = sample_problems(task, "test", 8, seed=123)  # the first 8 of `l2pd data TASK --seed 123`
@@ -34,5 +34,5 @@ def test_golden_output(shipped) -> None:
     model, tokenizer = shipped
     (problem,) = sample_problems("arith", "test", 1, seed=123)
     (row,) = iter_decoded(model, tokenizer, [problem], DecodeConfig(gen_length=64, block_length=32))
-    assert row["text"] == " Next 27 + 9 = 36\n Later 36 - 13 = 23\n#### 23"
+    assert row["text"] == " Later 9 + 27 = 36\n Later 36 - 13 = 23\n#### 23"
     assert row["tokens_per_step"] == [1] * 64

@@ -3,7 +3,8 @@
 # from scratch on arith training problems (trace directories already collected are reused). About 90 minutes on 2
 # CPU cores from nothing; minutes when the traces are committed. The filters shipped by name beside the tiny model
 # (learned-b32, learned-b128, learned-b32-dual, learned-b128-dual) are copies of four of them.
-# Usage: bash results/policy-rl/recipe.sh
+# Usage: bash results/policy-rl/recipe.sh (POLICY_RL=DIR writes the filters, rollouts and validation traces under
+# DIR instead of results/policy-rl, for another base model)
 #   block 32, no cache:  rollout-b32-t0.95-dagger   (rollouts beside threshold 0.95, then a DAgger round)
 #   block 128, no cache: rollout-b128               (rollouts beside threshold 0.9)
 #   block 32, dual:      rollout-b32-dual-dagger-cw (dual-cache rollouts, a DAgger round, class weights; its
@@ -12,21 +13,22 @@
 #                        here: rollout-b128-dual-dagger-cw-rechosen)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-FILTERS=results/policy-rl
-bash $FILTERS/rollout-filter.sh 32 0.95 200 none
-bash $FILTERS/rollout-filter.sh 32 0.95 200 none "$FILTERS/rollout-b32-t0.95.safetensors"
-bash $FILTERS/rollout-filter.sh 128 0.9 200 none
+export POLICY_RL=${POLICY_RL:-results/policy-rl}
+ROLLOUT_FILTER=results/policy-rl/rollout-filter.sh
+bash $ROLLOUT_FILTER 32 0.95 200 none
+bash $ROLLOUT_FILTER 32 0.95 200 none "$POLICY_RL/rollout-b32-t0.95.safetensors"
+bash $ROLLOUT_FILTER 128 0.9 200 none
 for BLOCK in 32 128; do
-    bash $FILTERS/rollout-filter.sh "$BLOCK" 0.9 200 dual
-    CLASS_WEIGHT=1 bash $FILTERS/rollout-filter.sh "$BLOCK" 0.9 200 dual "$FILTERS/rollout-b$BLOCK-dual.safetensors"
+    bash $ROLLOUT_FILTER "$BLOCK" 0.9 200 dual
+    CLASS_WEIGHT=1 bash $ROLLOUT_FILTER "$BLOCK" 0.9 200 dual "$POLICY_RL/rollout-b$BLOCK-dual.safetensors"
 done
-l2pd choose-threshold --filter "$FILTERS/rollout-b32-dual-dagger-cw.safetensors" \
+l2pd choose-threshold --filter "$POLICY_RL/rollout-b32-dual-dagger-cw.safetensors" \
     --traces results/learn2pd/traces/tr-arith-oracle-fill-dual results/learn2pd/traces/tr-arith13-oracle-fill-dual \
     --thresholds 0.95,0.99 --accept-thresholds 0.5,0.8,0.9 --decode-batch-size 64 \
-    --out "$FILTERS/rollout-b32-dual-dagger-cw-rechosen.safetensors"
-VALIDATION=results/policy-rl/validation/arith-b128-oracle-dual
+    --out "$POLICY_RL/rollout-b32-dual-dagger-cw-rechosen.safetensors"
+VALIDATION=$POLICY_RL/validation/arith-b128-oracle-dual
 [ -f "$VALIDATION/meta.json" ] || l2pd collect-traces --task arith --n 100 --data-seed 21 --trajectory oracle \
     --block-length 128 --cache dual --eotp --batch-size 64 --out "$VALIDATION"
-l2pd choose-threshold --filter "$FILTERS/rollout-b128-dual-dagger-cw.safetensors" --traces "$VALIDATION" \
+l2pd choose-threshold --filter "$POLICY_RL/rollout-b128-dual-dagger-cw.safetensors" --traces "$VALIDATION" \
     --accept-thresholds 0.3,0.5,0.8,0.9 --decode-batch-size 64 \
-    --out "$FILTERS/rollout-b128-dual-dagger-cw-rechosen.safetensors"
+    --out "$POLICY_RL/rollout-b128-dual-dagger-cw-rechosen.safetensors"

@@ -4,8 +4,8 @@
 # on those labels that serves beside the threshold (learned_commit=with_threshold). Usage:
 #   bash results/policy-rl/rollout-filter.sh [BLOCK_LENGTH] [THRESHOLD] [N] [CACHE] [FOLLOW]
 #   (defaults 32, 0.9, 200, none, no FOLLOW)
-# Writes results/policy-rl/rollouts/arith-bBLOCK-tTHRESHOLD[-CACHE]/ and
-# results/policy-rl/rollout-bBLOCK[-tTHRESHOLD][-CACHE].{safetensors,json} (suffixes only away from 0.9 and none).
+# Writes $POLICY_RL/rollouts/arith-bBLOCK-tTHRESHOLD[-CACHE]/ and $POLICY_RL/rollout-bBLOCK[-tTHRESHOLD][-CACHE]
+# .{safetensors,json} (suffixes only away from 0.9 and none; POLICY_RL defaults to results/policy-rl).
 # FOLLOW, a filter this script wrote, makes a DAgger round: N other training problems (data seed 12) decoded by that
 # filter beside the threshold, their left-over positions labelled by rollout (traces ...-dagger/), and a filter
 # trained on the first round's traces and these together (rollout-...-dagger.*).
@@ -14,8 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BLOCK=${1:-32}; THRESHOLD=${2:-0.9}; N=${3:-200}; CACHE=${4:-none}; FOLLOW=${5:-}
+POLICY_RL=${POLICY_RL:-results/policy-rl}
 SUFFIX=$([ "$CACHE" = none ] || echo "-$CACHE")
-TRACES=results/policy-rl/rollouts/arith-b$BLOCK-t$THRESHOLD$SUFFIX
+TRACES=$POLICY_RL/rollouts/arith-b$BLOCK-t$THRESHOLD$SUFFIX
 [ "$THRESHOLD" = 0.9 ] || SUFFIX="-t$THRESHOLD$SUFFIX"
 TRAIN_FLAGS=()
 [ "${CLASS_WEIGHT:-0}" = 1 ] && TRAIN_FLAGS=(--class-weight)
@@ -36,4 +37,4 @@ else
 fi
 [ ${#TRAIN_FLAGS[@]} = 0 ] || SUFFIX="$SUFFIX-cw"
 l2pd train-filter --traces "${ALL[@]}" --architecture position_mlp --features "$FEATURES" "${TRAIN_FLAGS[@]}" \
-    --out "results/policy-rl/rollout-b$BLOCK$SUFFIX.safetensors"
+    --out "$POLICY_RL/rollout-b$BLOCK$SUFFIX.safetensors"

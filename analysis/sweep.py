@@ -12,10 +12,14 @@ The grid file::
       - {policy: fixed, steps: [256, 64]}
       - {policy: threshold, threshold: [0.7, 0.9], eotp: [false, true], cache: [none, dual]}
 
-Every configuration's model_args are checked before the first lm-eval launch. A configuration whose directory
-already holds lm-eval's ``results_*.json`` is skipped, so rerunning the command after a crash or a stop redoes only
-what is missing. While a configuration runs, its directory holds ``sweep.lock`` (naming the sweep's PID), which
-keeps a second sweep from running it at the same time, and ``lm_eval.log``, the output of its lm-eval run.
+Every configuration's model_args are checked before the first lm-eval launch. Each configuration's directory
+gets ``decoded_with.json``: what decides its outputs (the model's and the filter's fingerprints, the decode settings
+with the filter card's defaults filled in). A configuration whose directory already holds lm-eval's
+``results_*.json`` decoded with the same is skipped, so rerunning the command after a crash or a stop redoes only
+what is missing; results decoded with anything else (a retrained model, a new filter, changed defaults), or older
+than ``decoded_with.json``, stop the sweep before its first launch, naming what differs. While a configuration
+runs, its directory holds ``sweep.lock`` (naming the sweep's PID), which keeps a second sweep from running it at the
+same time, and ``lm_eval.log``, the output of its lm-eval run.
 Ctrl-C or a SIGTERM stops the running lm-eval before the sweep exits.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -36,12 +41,13 @@ import yaml
 from tqdm import tqdm
 
 from l2pd_harness.cli import OneLineParser
-from l2pd_harness.files import FileFormatError, check_output_path, require_file
+from l2pd_harness.files import FileFormatError, check_output_path, read_json, require_file, write_atomic
 from l2pd_harness.lm_eval_tasks import TASKS_DIR, known_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK_NAME = "sweep.lock"
 LOG_NAME = "lm_eval.log"
+DECODED_WITH_NAME = "decoded_with.json"
 REQUIRED_KEYS = ("tasks", "grid")
 GRID_KEYS = (*REQUIRED_KEYS, "limit", "batch_size", "model_args")
 SCALARS = (str, int, float, type(None))  # what a model_args value can be on lm-eval's command line
@@ -168,17 +174,20 @@ def check_arguments(arguments: object, where: str, lists: bool = False) -> None:
                                       (", or a list of them" if lists else "") + ")")
 
 
-def check_model_args_of(runs: list[dict], where: str) -> None:
-    """Every configuration's model_args as the l2pd model will receive them, checked before anything is launched."""
+def decoders_of(runs: list[dict], where: str) -> list[dict]:
+    """What decides each configuration's outputs (``l2pd_harness.lm_eval_model.decoded_with``), from its model_args
+    as the l2pd model will receive them: checked before anything is launched."""
     from lm_eval.utils import simple_parse_args_string
 
-    from l2pd_harness.lm_eval_model import check_model_args  # loads torch and lm-eval: only once the grid is read
+    from l2pd_harness.lm_eval_model import decoded_with  # loads torch and lm-eval: only once the grid is read
 
+    decoders = []
     for model_args in runs:
         try:
-            check_model_args(simple_parse_args_string(model_args_text(model_args)))
+            decoders.append(decoded_with(simple_parse_args_string(model_args_text(model_args))))
         except ValueError as err:
             raise FileFormatError(f"{where}, configuration {run_name(model_args)}: {err}") from None
+    return decoders
 
 
 # ---- running one configuration -----------------------------------------------------------------------------------
@@ -196,6 +205,28 @@ def lm_eval_command(spec: dict, model_args: dict, out_dir: Path) -> list[str]:
 
 def has_results(out_dir: Path) -> bool:
     return any(out_dir.glob("*/results_*.json"))
+
+
+def check_decoded_with(out_dir: Path, decoder: dict) -> None:
+    """Raise :class:`SweepError` unless the results in ``out_dir`` were decoded with ``decoder``."""
+    path = out_dir / DECODED_WITH_NAME
+    move_away = f"use another --out, or move {str(out_dir)!r} away to decode it again"
+    if not path.is_file():
+        raise SweepError(f"configuration {out_dir.name!r} holds results but no {DECODED_WITH_NAME} (written by sweeps "
+                         f"since 2026-12-07), so what decoded them is unknown: {move_away}", 1)
+    try:
+        recorded = read_json(path, DECODED_WITH_NAME)
+    except FileFormatError as err:
+        raise SweepError(f"{err}: {move_away}", 1) from None
+    from l2pd_harness.settings import setting_differences
+
+    identities = [{key: value for key, value in record.items() if key != "settings"} for record in (recorded, decoder)]
+    differences = [*setting_differences(*identities),
+                   *(f"setting {difference}" for difference in setting_differences(recorded.get("settings", {}),
+                                                                                 decoder["settings"]))]
+    if differences:
+        raise SweepError(f"configuration {out_dir.name!r} holds results decoded with something else (there -> now: "
+                         f"{'; '.join(differences)}): {move_away}", 1)
 
 
 @contextmanager
@@ -284,12 +315,14 @@ def last_line(path: Path) -> str:
     return next((line for line in reversed(lines) if line), "")
 
 
-def run_configuration(spec: dict, model_args: dict, out_dir: Path, env: dict[str, str]) -> None:
-    """One lm-eval run into ``out_dir``, unless it holds results already."""
+def run_configuration(spec: dict, model_args: dict, decoder: dict, out_dir: Path, env: dict[str, str]) -> None:
+    """One lm-eval run into ``out_dir``, unless it holds results of ``decoder`` already."""
     with configuration_lock(out_dir) as lock_fd:
         if has_results(out_dir):  # checked under the lock: another sweep may have just finished it
+            check_decoded_with(out_dir, decoder)
             return
         clear_attempt(out_dir)
+        write_atomic(out_dir / DECODED_WITH_NAME, json.dumps(decoder, indent=2) + "\n")
         log_path = out_dir / LOG_NAME
         status = run_lm_eval(lm_eval_command(spec, model_args, out_dir), env, log_path, lock_fd)
     if status != 0:
@@ -320,14 +353,19 @@ def stop_signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def sweep(spec: dict, runs: list[dict], out: Path) -> None:
+def sweep(spec: dict, runs: list[dict], decoders: list[dict], out: Path) -> None:
+    """Run every configuration of ``runs`` (decoded with ``decoders``) that ``out`` holds no results of."""
+    for model_args, decoder in zip(runs, decoders, strict=True):  # stale results stop the sweep before any launch
+        if has_results(out / run_name(model_args)):
+            check_decoded_with(out / run_name(model_args), decoder)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     current = None
     try:
         with stop_signals_raise():
-            for model_args in tqdm(runs, desc="sweep", unit="config", disable=None):
+            for model_args, decoder in tqdm(list(zip(runs, decoders, strict=True)), desc="sweep", unit="config",
+                                            disable=None):
                 current = run_name(model_args)
-                run_configuration(spec, model_args, out / current, env)
+                run_configuration(spec, model_args, decoder, out / current, env)
                 current = None
     except Interrupted as stopped:
         where = ("between configurations; rerunning the same command goes on with the rest" if current is None else
@@ -346,8 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         check_output_path(args.out, "--out", directory=True)
         spec = read_grid(args.grid)
         runs = configurations(spec)
-        check_model_args_of(runs, f"grid {str(args.grid)!r}")
-        sweep(spec, runs, args.out)
+        decoders = decoders_of(runs, f"grid {str(args.grid)!r}")
+        sweep(spec, runs, decoders, args.out)
     except FileFormatError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     except SweepError as err:

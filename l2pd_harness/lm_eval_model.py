@@ -32,8 +32,8 @@ from l2pd_harness.decoding.engine import Engine
 from l2pd_harness.evaluation import DecodeProgress
 from l2pd_harness.files import JsonlWriter
 from l2pd_harness.likelihood import monte_carlo_loglikelihood
-from l2pd_harness.loading import DTYPES, available_devices, load_model, resolve_checkpoint
-from l2pd_harness.settings import SettingsError, coerce, coerce_fields, decode_setup
+from l2pd_harness.loading import DTYPES, available_devices, load_model
+from l2pd_harness.settings import SettingsError, coerce, coerce_fields, decode_identity, decode_setup
 from l2pd_harness.steplog import StepLogRow
 from l2pd_harness.text import decode_response, encode_pair, encode_prompt, stop_token_ids
 
@@ -93,12 +93,12 @@ def split_model_args(model_args: dict, config_class: type[DecodeConfig] = Decode
                  for k, v in model_args.items() if k in decode_names}
 
 
-def check_model_args(model_args: dict, config_class: type[DecodeConfig] = DecodeConfig) -> None:
-    """Raise a one-line ``ValueError`` for ``model_args`` that :class:`L2PDLM` would refuse, without loading a model
-    (a learned policy's filter is read and checked against the checkpoint)."""
+def decoded_with(model_args: dict, config_class: type[DecodeConfig] = DecodeConfig) -> dict:
+    """What decides the outputs of :class:`L2PDLM` given ``model_args`` (:func:`decode_identity`), without loading a
+    model; a one-line ``ValueError`` for ``model_args`` it would refuse (a learned policy's filter is read and
+    checked against the checkpoint)."""
     own, decode = split_model_args(model_args, config_class)
-    resolve_checkpoint(own.pretrained)
-    decode_setup(decode, own.pretrained, config_class)
+    return decode_identity(decode, own.pretrained, config_class)
 
 
 def pick_device(device: str | None) -> str:

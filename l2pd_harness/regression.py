@@ -14,18 +14,17 @@ tolerance: one flipped problem of 100 passes, two fail).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from l2pd_harness.decoding.config import DecodeConfig
 from l2pd_harness.evaluation import iter_decoded, summarise_rows
-from l2pd_harness.filter.model import DEFAULT_FILTER
+from l2pd_harness.filter.model import DEFAULT_FILTER, filter_fingerprint
 from l2pd_harness.loading import DEFAULT_MODEL_DIR, model_fingerprint
-from l2pd_harness.settings import decode_setup
+from l2pd_harness.settings import decode_setup, output_settings, setting_differences
 from l2pd_harness.tasks import DEFAULT_TASKS, sample_problems
 
 FORMAT = "l2pd-regression/1"
@@ -73,8 +72,7 @@ def accuracy_tolerance(correct: int, n: int) -> float:
 
 def identity() -> dict:
     """What the reference was measured with: the shipped model and filter (their fingerprints), the software."""
-    filter_digest = hashlib.sha256(DEFAULT_FILTER.read_bytes()).hexdigest()[:16]
-    return {"model": model_fingerprint(DEFAULT_MODEL_DIR), "filter": f"sha256:{filter_digest}",
+    return {"model": model_fingerprint(DEFAULT_MODEL_DIR), "filter": filter_fingerprint(DEFAULT_FILTER),
             "tasks": list(TASKS), "data_seed": DATA_SEED, "torch": torch.__version__,
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads"}
 
@@ -82,7 +80,7 @@ def identity() -> dict:
 def config_record(check: Check, cfg: DecodeConfig) -> dict:
     """A check's settings as recorded: its sample size and ``cfg`` as decoded (the batch size does not change
     outputs, so it is left out)."""
-    return {"n": check.n, **{k: v for k, v in asdict(cfg).items() if k != "batch_size"}}
+    return {"n": check.n, **output_settings(cfg)}
 
 
 def check_configs() -> dict[str, dict]:
@@ -114,17 +112,6 @@ def check_comparable(reference: dict) -> None:
             raise RegressionError(f"the reference's check {name!r} was recorded with other settings than this "
                                   f"checkout's ({'; '.join(differences)}): record a new reference "
                                   "(`l2pd regress --update`)")
-
-
-def setting_differences(recorded: dict, current: dict) -> list[str]:
-    """``key: recorded -> current`` for every setting whose value differs or that only one of them has."""
-
-    def shown(config: dict, key: str) -> str:
-        return repr(config[key]) if key in config else "absent"
-
-    keys = sorted(recorded.keys() | current.keys())
-    return [f"{key}: {shown(recorded, key)} -> {shown(current, key)}" for key in keys
-            if key not in recorded or key not in current or recorded[key] != current[key]]
 
 
 def check_shape(reference: dict) -> None:

@@ -17,7 +17,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, asdict, fields, replace
 from functools import cache
 
 from l2pd_harness.decoding.config import CHOICES, DEFAULT_THRESHOLD, PRESETS, DecodeConfig
@@ -111,6 +111,36 @@ def decode_setup(values: Mapping[str, object], pretrained: str | os.PathLike | N
     except ValueError as err:
         raise SettingsError(str(err)) from None
     return cfg, POLICIES[cfg.policy].build(cfg, learned)
+
+
+def decode_identity(values: Mapping[str, object], pretrained: str | os.PathLike | None = None,
+                    cls: type[DecodeConfig] = DecodeConfig) -> dict:
+    """What decides the outputs of a decode with the settings ``values`` on the model ``pretrained``: the model's
+    fingerprint, its filter's (``None`` for a policy without one) and :func:`output_settings` of the config as
+    decoded (the filter card's defaults filled in). Raises what :func:`decode_setup` raises."""
+    from l2pd_harness.filter.model import filter_fingerprint, filter_path  # both import this module
+    from l2pd_harness.loading import model_fingerprint, resolve_checkpoint
+
+    model = model_fingerprint(resolve_checkpoint(pretrained))
+    cfg, _ = decode_setup(values, pretrained, cls)
+    filter_id = filter_fingerprint(filter_path(cfg.filter, pretrained)) if POLICIES[cfg.policy].needs_filter else None
+    return {"model": model, "filter": filter_id, "settings": output_settings(cfg)}
+
+
+def output_settings(cfg: DecodeConfig) -> dict:
+    """``cfg``'s fields but the batch size, which does not change outputs."""
+    return {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
+
+
+def setting_differences(recorded: dict, current: dict) -> list[str]:
+    """``key: recorded -> current`` for every setting whose value differs or that only one of them has."""
+
+    def shown(config: dict, key: str) -> str:
+        return repr(config[key]) if key in config else "absent"
+
+    keys = sorted(recorded.keys() | current.keys())
+    return [f"{key}: {shown(recorded, key)} -> {shown(current, key)}" for key in keys
+            if key not in recorded or key not in current or recorded[key] != current[key]]
 
 
 def card_defaults(cfg: DecodeConfig, card: FilterCard) -> dict:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from l2pd_harness.filter.model import DEFAULT_FILTER, filter_fingerprint
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "analysis"))
 
@@ -227,7 +229,9 @@ def test_a_sweep_grid_reaches_the_paper_preset(tmp_path: Path) -> None:
                     "grid:\n  - {preset: learn2pd-paper, cache: [none, dual]}\n")
     runs = sweep.configurations(sweep.read_grid(grid))
     assert [run["preset"] for run in runs] == ["learn2pd-paper"] * 2
-    sweep.check_model_args_of(runs, "grid")  # the preset's learned policy finds the shipped filter
+    decoders = sweep.decoders_of(runs, "grid")  # the preset's learned policy finds the shipped filter
+    assert [d["filter"] for d in decoders] == [filter_fingerprint(DEFAULT_FILTER)] * 2
+    assert [d["settings"]["cache"] for d in decoders] == ["none", "dual"]
     grid.write_text(grid.read_text().replace("learn2pd-paper", "paper"))
     with pytest.raises(sweep.FileFormatError, match=r"preset='paper' is not one of \['learn2pd-paper'\]"):
-        sweep.check_model_args_of(sweep.configurations(sweep.read_grid(grid)), "grid")
+        sweep.decoders_of(sweep.configurations(sweep.read_grid(grid)), "grid")

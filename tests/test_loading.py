@@ -161,10 +161,10 @@ def test_missing_directory_from_the_command_line(tmp_path: Path, monkeypatch: py
 
 
 def test_missing_directory_in_lm_eval_model_args() -> None:
-    from l2pd_harness.lm_eval_model import check_model_args
+    from l2pd_harness.lm_eval_model import decoded_with
 
     with pytest.raises(ModelLoadError, match="^model directory '/nonexistent' does not exist$"):
-        check_model_args({"pretrained": "/nonexistent"})
+        decoded_with({"pretrained": "/nonexistent"})
 
 
 @pytest.mark.parametrize("model", ["owner/na me", "owner/-name", "own--er/name"])

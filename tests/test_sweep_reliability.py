@@ -4,6 +4,7 @@ bad model_args and a failing lm-eval, each reported as one line."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,8 @@ grid:
   - {policy: fixed, steps: 32}
 """
 TINY_RUN = "gen_length-32_block_length-32_policy-fixed_steps-32"
+DECODER = {"model": "sha256:0123456789abcdef", "filter": None, "settings": {"policy": "fixed", "steps": 256}}
+"""What decides the outputs of the in-process tests' one configuration (``policy-fixed``)."""
 
 
 def children_of(pid: int, naming: str = "") -> list[int]:
@@ -129,7 +132,7 @@ def test_sigint_stops_the_child_in_process(tmp_path: Path, monkeypatch: pytest.M
     thread.start()
     started = time.monotonic()
     with pytest.raises(sweep.SweepError) as error:
-        sweep.sweep({"tasks": ["arith"]}, [{"policy": "fixed"}], tmp_path)
+        sweep.sweep({"tasks": ["arith"]}, [{"policy": "fixed"}], [DECODER], tmp_path)
     thread.join()
     assert time.monotonic() - started < 20
     assert error.value.status == 128 + signal.SIGINT
@@ -149,7 +152,7 @@ def test_a_configuration_in_progress_is_refused(tmp_path: Path, monkeypatch: pyt
         held.write("4242\n")
         held.flush()
         with pytest.raises(sweep.SweepError) as error:
-            sweep.sweep({"tasks": ["arith"]}, [{"policy": "fixed"}], tmp_path)
+            sweep.sweep({"tasks": ["arith"]}, [{"policy": "fixed"}], [DECODER], tmp_path)
     assert error.value.status == 1
     assert str(error.value) == (f"configuration 'policy-fixed' is being run by another sweep (PID 4242, or its "
                                 f"lm-eval child): {str(run_dir / sweep.LOCK_NAME)!r} is locked; wait for it to "
@@ -168,12 +171,41 @@ def test_a_stale_lock_is_taken_over_and_the_partial_attempt_cleared(tmp_path: Pa
     for name in ("steps_rank0_1.jsonl", ".steps_rank0_1.jsonl.x1.partial", "lm_eval.log", "model/samples_a.jsonl"):
         (run_dir / name).write_text("from the crashed attempt\n")
     (run_dir / sweep.LOCK_NAME).write_text("999999999\n")  # a sweep that died without removing its lock
-    sweep.sweep({"tasks": ["arith"]}, [{"policy": "fixed"}], tmp_path)
-    assert (run_dir / sweep.LOG_NAME).read_text() == "['lm_eval.log', 'sweep.lock'] True\n"
+    sweep.sweep({"tasks": ["arith"]}, [{"policy": "fixed"}], [DECODER], tmp_path)
+    assert (run_dir / sweep.LOG_NAME).read_text() == "['decoded_with.json', 'lm_eval.log', 'sweep.lock'] True\n"
     assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")) == [
-        "lm_eval.log", "m", "m/results_1.json"]
-    sweep.sweep({"tasks": ["arith"]}, [{"policy": "fixed"}], tmp_path)  # done: skipped, the log is not rewritten
-    assert (run_dir / sweep.LOG_NAME).read_text() == "['lm_eval.log', 'sweep.lock'] True\n"
+        "decoded_with.json", "lm_eval.log", "m", "m/results_1.json"]
+    assert json.loads((run_dir / sweep.DECODED_WITH_NAME).read_text()) == DECODER
+    sweep.sweep({"tasks": ["arith"]}, [{"policy": "fixed"}], [DECODER], tmp_path)  # done: skipped, log kept
+    assert (run_dir / sweep.LOG_NAME).read_text() == "['decoded_with.json', 'lm_eval.log', 'sweep.lock'] True\n"
+
+
+@pytest.mark.parametrize(("recorded", "difference"), [
+    (None, f"holds results but no {sweep.DECODED_WITH_NAME} (written by sweeps since 2026-12-07), so what "
+           "decoded them is unknown"),
+    ({**DECODER, "model": "sha256:fedcba9876543210"},
+     "holds results decoded with something else (there -> now: model: 'sha256:fedcba9876543210' -> "
+     "'sha256:0123456789abcdef')"),
+    ({**DECODER, "settings": {"policy": "fixed", "steps": 64, "eotp_mode": "fill"}},
+     "holds results decoded with something else (there -> now: setting eotp_mode: 'fill' -> absent; setting steps: "
+     "64 -> 256)"),
+])
+def test_results_of_another_decoder_stop_the_sweep_before_any_launch(
+        recorded: dict | None, difference: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_lm_eval(monkeypatch, "raise SystemExit('lm-eval launched')")
+    for name in ("policy-a", "policy-fixed"):  # policy-a has no results yet: nothing runs before the check
+        (tmp_path / name).mkdir()
+    run_dir = tmp_path / "policy-fixed"
+    (run_dir / "m").mkdir()
+    (run_dir / "m" / "results_1.json").write_text("{}")
+    if recorded is not None:
+        (run_dir / sweep.DECODED_WITH_NAME).write_text(json.dumps(recorded))
+    with pytest.raises(sweep.SweepError) as error:
+        sweep.sweep({"tasks": ["arith"]}, [{"policy": "a"}, {"policy": "fixed"}], [DECODER, DECODER], tmp_path)
+    assert str(error.value) == (f"configuration 'policy-fixed' {difference}: use another --out, or move "
+                                f"{str(run_dir)!r} away to decode it again")
+    assert not list((tmp_path / "policy-a").iterdir())
+    assert (run_dir / "m" / "results_1.json").read_text() == "{}"
 
 
 def test_a_failing_lm_eval_is_one_line_naming_its_log(grid: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -18,6 +18,7 @@ features, block length, base model, cache mode, training data, validation metric
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,20 +273,30 @@ def check_compatible(card: FilterCard, path: str | Path, base_model: str, block_
 
 
 def load_filter(path: str | Path | None, pretrained: str | Path | None, block_length: int) -> LearnedFilter:
-    """The filter at ``path`` (default: the one shipped with the tiny model, when ``pretrained`` is that model),
-    checked against the base model and block length it will serve."""
-    ckpt = resolve_checkpoint(pretrained)
-    if path is None:
-        if ckpt.resolve() != DEFAULT_MODEL_DIR.resolve():
-            raise FilterError(f"policy 'learned' on {str(pretrained)!r} needs a filter trained for it "
-                              "(`l2pd collect-traces` then `l2pd train-filter`); only the shipped tiny model "
-                              "comes with one")
-        path = DEFAULT_FILTER
-    else:
-        path = resolve_filter(path, ckpt)
+    """The filter at ``path`` (:func:`filter_path`), checked against the base model and block length it will
+    serve."""
+    path = filter_path(path, pretrained)
     learned = read_filter(path)
-    check_compatible(learned.card, path, model_fingerprint(ckpt), block_length)
+    check_compatible(learned.card, path, model_fingerprint(resolve_checkpoint(pretrained)), block_length)
     return learned
+
+
+def filter_path(path: str | Path | None, pretrained: str | Path | None) -> Path:
+    """The checkpoint a decode of the model ``pretrained`` reads for the filter setting ``path``: the one shipped
+    with the tiny model when ``path`` is ``None`` (and ``pretrained`` is that model), else :func:`resolve_filter`."""
+    ckpt = resolve_checkpoint(pretrained)
+    if path is not None:
+        return resolve_filter(path, ckpt)
+    if ckpt.resolve() != DEFAULT_MODEL_DIR.resolve():
+        raise FilterError(f"policy 'learned' on {str(pretrained)!r} needs a filter trained for it "
+                          "(`l2pd collect-traces` then `l2pd train-filter`); only the shipped tiny model "
+                          "comes with one")
+    return DEFAULT_FILTER
+
+
+def filter_fingerprint(path: str | Path) -> str:
+    """A short identity of the filter checkpoint ``path``: SHA-256 of its weights file (a few kB)."""
+    return "sha256:" + hashlib.sha256(checkpoint_paths(path)[0].read_bytes()).hexdigest()[:16]
 
 
 def resolve_filter(path: str | Path, model_dir: Path) -> Path:

@@ -3,8 +3,8 @@
 # from scratch on arith training problems (trace directories already collected are reused). About 90 minutes on 2
 # CPU cores from nothing; minutes when the traces are committed. The filters shipped by name beside the tiny model
 # (learned-b32, learned-b128, learned-b32-dual, learned-b128-dual) are copies of four of them.
-# Usage: bash results/policy-rl/recipe.sh (POLICY_RL=DIR writes the filters, rollouts and validation traces under
-# DIR instead of results/policy-rl, for another base model)
+# Usage: bash results/policy-rl/recipe.sh (the filters, rollouts and validation traces go under POLICY_RL, by default
+# results/policy-rl/changeone-model, the shipped model's; results/policy-rl itself holds the previous model's)
 #   block 32, no cache:  rollout-b32-t0.95-dagger   (rollouts beside threshold 0.95, then a DAgger round)
 #   block 128, no cache: rollout-b128               (rollouts beside threshold 0.9)
 #   block 32, dual:      rollout-b32-dual-dagger-cw (dual-cache rollouts, a DAgger round, class weights; its
@@ -13,7 +13,7 @@
 #                        here: rollout-b128-dual-dagger-cw-rechosen)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export POLICY_RL=${POLICY_RL:-results/policy-rl}
+export POLICY_RL=${POLICY_RL:-results/policy-rl/changeone-model}
 ROLLOUT_FILTER=results/policy-rl/rollout-filter.sh
 bash $ROLLOUT_FILTER 32 0.95 200 none
 bash $ROLLOUT_FILTER 32 0.95 200 none "$POLICY_RL/rollout-b32-t0.95.safetensors"

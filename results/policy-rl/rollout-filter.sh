@@ -5,7 +5,8 @@
 #   bash results/policy-rl/rollout-filter.sh [BLOCK_LENGTH] [THRESHOLD] [N] [CACHE] [FOLLOW]
 #   (defaults 32, 0.9, 200, none, no FOLLOW)
 # Writes $POLICY_RL/rollouts/arith-bBLOCK-tTHRESHOLD[-CACHE]/ and $POLICY_RL/rollout-bBLOCK[-tTHRESHOLD][-CACHE]
-# .{safetensors,json} (suffixes only away from 0.9 and none; POLICY_RL defaults to results/policy-rl).
+# .{safetensors,json} (suffixes only away from 0.9 and none; POLICY_RL defaults to
+# results/policy-rl/changeone-model, the shipped model's).
 # FOLLOW, a filter this script wrote, makes a DAgger round: N other training problems (data seed 12) decoded by that
 # filter beside the threshold, their left-over positions labelled by rollout (traces ...-dagger/), and a filter
 # trained on the first round's traces and these together (rollout-...-dagger.*).
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BLOCK=${1:-32}; THRESHOLD=${2:-0.9}; N=${3:-200}; CACHE=${4:-none}; FOLLOW=${5:-}
-POLICY_RL=${POLICY_RL:-results/policy-rl}
+POLICY_RL=${POLICY_RL:-results/policy-rl/changeone-model}
 SUFFIX=$([ "$CACHE" = none ] || echo "-$CACHE")
 TRACES=$POLICY_RL/rollouts/arith-b$BLOCK-t$THRESHOLD$SUFFIX
 [ "$THRESHOLD" = 0.9 ] || SUFFIX="-t$THRESHOLD$SUFFIX"

@@ -188,9 +188,9 @@ def run_of(record: dict) -> Run:
 
 def update_readme(readme: Path, results: dict, table: str) -> None:
     setup = results["setup"]
-    caption = (f"\n{setup['n']} held-out test problems per task (seed {setup['data_seed']}), gen_length "
-               f"{setup['gen_length']}, block_length {setup['block_length']}, batch size {setup['batch_size']}, "
-               f"{setup['dtype']}, greedy; {setup['machine']}, torch {setup['torch']}.\n\n")
+    caption = (f"\n{setup['n']} held-out test problems per task (seed {setup['data_seed']}), model {setup['model']}, "
+               f"gen_length {setup['gen_length']}, block_length {setup['block_length']}, batch size "
+               f"{setup['batch_size']}, {setup['dtype']}, greedy; {setup['machine']}, torch {setup['torch']}.\n\n")
     replace_marked(readme, table, "--readme", caption + markdown_table(results) + "\n")
 
 

@@ -92,6 +92,16 @@ def test_results_of_another_model_are_refused(error_of, tmp_path: Path) -> None:
     assert error_of("--out", str(path)).startswith(f"--out {str(path)!r} holds results of another setup")
 
 
+def test_a_table_names_the_model_it_measured(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- decode-table:start -->\nold rows\n<!-- decode-table:end -->\nafter\n")
+    setup = decode.setup_of(decode.build_parser().parse_args([]))
+    decode.update_readme(readme, {"setup": setup, "runs": {}}, "decode-table")
+    caption = readme.read_text().split("\n")[2]
+    assert caption.startswith(f"200 held-out test problems per task (seed 123), model {setup['model']}, gen_length ")
+    assert "old rows" not in readme.read_text() and readme.read_text().endswith("after\n")
+
+
 def test_an_unknown_redo_is_one_line(error_of, tmp_path: Path) -> None:
     path = tmp_path / "b.json"
     setup = decode.setup_of(decode.build_parser().parse_args([]))

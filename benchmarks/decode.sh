@@ -34,3 +34,16 @@ python benchmarks/decode.py --n 500 --tasks arith --policies learned --eotp yes 
 python benchmarks/decode.py --gen-length 1024 --n 100 --tasks arith,listops --policies learned --eotp yes \
     --caches none --presets none,learn2pd-paper --out benchmarks/results/decode-paper-1024.json \
     --rows-dir runs/bench-paper-1024 --table decode-paper-1024-table
+# The paper's two rules one at a time (its commit rule with our EoTP, our commit rule with its truncating EoTP), as
+# `l2pd evaluate` summaries in benchmarks/results/paper-rules-split/.
+SPLIT=benchmarks/results/paper-rules-split
+for spec in arith:256:500 arith:1024:100 listops:1024:100; do
+    IFS=: read -r task gen n <<< "$spec"
+    for half in schedule-fill accepted-truncate; do
+        out=$SPLIT/$task-$gen-$half.json
+        [ -f "$out" ] && continue
+        if [ "$half" = schedule-fill ]; then rules=(--preset learn2pd-paper --eotp-mode fill)
+        else rules=(--policy learned --eotp --eotp-mode truncate); fi
+        l2pd evaluate --task "$task" --n "$n" --gen-length "$gen" "${rules[@]}" > "$out.tmp" && mv "$out.tmp" "$out"
+    done
+done

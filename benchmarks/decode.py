@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from l2pd_harness.cli import OneLineParser, UsageError, positive_int, script_main
-from l2pd_harness.decoding.config import CACHES, PRESETS, DecodeConfig
+from l2pd_harness.decoding.config import CACHES, EOTP_MODES, PRESETS, DecodeConfig
 from l2pd_harness.decoding.policies import POLICIES, Policy, StepState
 from l2pd_harness.evaluation import iter_decoded, summarise_rows
 from l2pd_harness.files import (
@@ -66,12 +66,15 @@ class Run:
     """learned: the filter's label (``--filters NAME=PATH``)."""
     preset: str | None = None
     """A named group of settings (``DecodeConfig.preset``) under the run's own."""
+    eotp_mode: str | None = None
+    """``DecodeConfig.eotp_mode`` set explicitly, over the preset's (``None``: the preset's, else the default)."""
 
     @property
     def name(self) -> str:
         variant = "".join(f"@{part}" for part in (self.filter, self.knob) if part is not None)
+        eotp = f"+eotp{'-' + self.eotp_mode if self.eotp_mode else ''}" if self.eotp else ""
         preset = f"+{self.preset}" if self.preset else ""
-        return f"{self.policy}{variant}{'+eotp' if self.eotp else ''}{preset}/{self.cache}"
+        return f"{self.policy}{variant}{eotp}{preset}/{self.cache}"
 
     def uncached(self) -> Run:
         return replace(self, cache="none")
@@ -86,7 +89,8 @@ BASELINE = Run("fixed", False, "none")
 
 
 def grid(policies: list[str], caches: list[str], eotps: list[bool], knobs: dict[str, list[float]],
-         filters: dict[str, str], presets: tuple[str | None, ...] = (None,)) -> list[Run]:
+         filters: dict[str, str], presets: tuple[str | None, ...] = (None,),
+         eotp_modes: tuple[str | None, ...] = (None,)) -> list[Run]:
     """The baseline first (the oracle's references and every ratio come from it), then each variant's
     cache=none run before its cached runs (their outputs are compared with it)."""
     variants = []
@@ -95,10 +99,11 @@ def grid(policies: list[str], caches: list[str], eotps: list[bool], knobs: dict[
             variants += [(policy, knob, name) for name in filters for knob in knobs[name]]
         else:
             variants += [(policy, knob, None) for knob in knobs.get(policy, [None])]
-    runs = [Run(policy, eotp, cache, knob, name, preset) for policy, knob, name in variants for preset in presets
-            for eotp in eotps for cache in caches]
+    runs = [Run(policy, eotp, cache, knob, name, preset, mode) for policy, knob, name in variants
+            for preset in presets for mode in eotp_modes for eotp in eotps for cache in caches]
     return sorted(runs, key=lambda run: (run != BASELINE, variants.index((run.policy, run.knob, run.filter)),
-                                         presets.index(run.preset), eotps.index(run.eotp), caches.index(run.cache)))
+                                         presets.index(run.preset), eotp_modes.index(run.eotp_mode),
+                                         eotps.index(run.eotp), caches.index(run.cache)))
 
 
 class ForwardTimer:
@@ -174,16 +179,20 @@ def markdown_table(results: dict) -> str:
             overhead = f"{100 * s['filter_s'] / s['forward_s']:.2f}%" if "filter_s" in s else "-"
             ratio = {key: f"{s[key]:.2f}x" if key in s else "-" for key in ("nfe_speedup", "time_speedup")}
             lines.append(
-                f"| {task} | {run.label()} | {'yes' if run.eotp else 'no'} | {run.cache} "
+                f"| {task} | {run.label()} | {eotp_column(run)} | {run.cache} "
                 f"| {100 * s['accuracy']:.1f}% | {s['mean_nfe']:.1f} | {s['tokens_per_forward']:.2f} "
                 f"| {s['tokens_per_s']:.1f} | {s['latency_p50_s']:.2f} | {s['latency_p95_s']:.2f} "
                 f"| {ratio['nfe_speedup']} | {ratio['time_speedup']} | {match} | {overhead} |")
     return "\n".join(lines)
 
 
+def eotp_column(run: Run) -> str:
+    return ("yes" + (f" ({run.eotp_mode})" if run.eotp_mode else "")) if run.eotp else "no"
+
+
 def run_of(record: dict) -> Run:
     return Run(record["policy"], record["eotp"], record["cache"], record.get("knob"), record.get("filter"),
-               record.get("preset"))
+               record.get("preset"), record.get("eotp_mode"))
 
 
 def update_readme(readme: Path, results: dict, table: str) -> None:
@@ -226,6 +235,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--presets", default="none",
                    help=f"comma-separated presets to run each configuration under: none or {','.join(PRESETS)} "
                         "(none)")
+    p.add_argument("--eotp-modes", default="default",
+                   help="comma-separated End-of-Text Prediction modes to run the EoTP configurations under: default "
+                        f"(the preset's, else fill) or {','.join(EOTP_MODES)}; set with --eotp yes (default)")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "decode.json", help="results JSON")
     p.add_argument("--rows-dir", type=Path, default=HERE.parent / "runs" / "bench-decode",
@@ -265,7 +277,8 @@ def run_settings(args: argparse.Namespace, run: Run, filters: dict[str, str | No
     return {"gen_length": args.gen_length, "block_length": args.block_length, "policy": run.policy, "eotp": run.eotp,
             "cache": run.cache, "batch_size": args.batch_size, **({knob: run.knob} if knob else {}),
             **({"filter": filters[run.filter]} if run.policy == "learned" else {}),
-            **({"preset": run.preset} if run.preset else {})}
+            **({"preset": run.preset} if run.preset else {}),
+            **({"eotp_mode": run.eotp_mode} if run.eotp_mode else {})}
 
 
 def setup_of(args: argparse.Namespace) -> dict:
@@ -309,7 +322,9 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[Run], dict[str, str 
              **{name: args.accept_thresholds or [card.accept_threshold] for name, card in cards.items()}}
     presets = tuple(None if name == "none" else name for name in names("--presets", args.presets,
                                                                         ("none", *PRESETS)))
-    runs = grid(policies, caches, eotps, knobs, filters, presets)
+    eotp_modes = tuple(None if name == "default" else name for name in names("--eotp-modes", args.eotp_modes,
+                                                                             ("default", *EOTP_MODES)))
+    runs = grid(policies, caches, eotps, knobs, filters, presets, eotp_modes)
     for run in runs:
         make_config(run_settings(args, run, filters))
     return tasks, runs, filters

@@ -27,23 +27,15 @@ python benchmarks/decode.py "${A500[@]}" --policies threshold --eotp yes --cache
 python benchmarks/decode.py "${A500[@]}" --policies learned --eotp yes --caches none --accept-thresholds 0.8,0.85,0.9,0.95
 python benchmarks/decode.py "${A500[@]}" --policies learned --eotp yes --caches dual
 python benchmarks/decode.py "${A500[@]}" --policies threshold --eotp yes --caches dual --thresholds 0.9
-# The Learn2PD paper's decoding rules next to ours, same filters (decode-paper.json).
-python benchmarks/decode.py --n 500 --tasks arith --policies learned --eotp yes --caches none \
-    --presets none,learn2pd-paper --filters shipped,block-fill=$F/f-block-fill --out benchmarks/results/decode-paper.json \
-    --rows-dir runs/bench-paper --table decode-paper-table
-python benchmarks/decode.py --gen-length 1024 --n 100 --tasks arith,listops --policies learned --eotp yes \
-    --caches none --presets none,learn2pd-paper --out benchmarks/results/decode-paper-1024.json \
-    --rows-dir runs/bench-paper-1024 --table decode-paper-1024-table
-# The paper's two rules one at a time (its commit rule with our EoTP, our commit rule with its truncating EoTP), as
-# `l2pd evaluate` summaries in benchmarks/results/paper-rules-split/.
-SPLIT=benchmarks/results/paper-rules-split
-for spec in arith:256:500 arith:1024:100 listops:1024:100; do
-    IFS=: read -r task gen n <<< "$spec"
-    for half in schedule-fill accepted-truncate; do
-        out=$SPLIT/$task-$gen-$half.json
-        [ -f "$out" ] && continue
-        if [ "$half" = schedule-fill ]; then rules=(--preset learn2pd-paper --eotp-mode fill)
-        else rules=(--policy learned --eotp --eotp-mode truncate); fi
-        l2pd evaluate --task "$task" --n "$n" --gen-length "$gen" "${rules[@]}" > "$out.tmp" && mv "$out.tmp" "$out"
-    done
-done
+# The Learn2PD paper's decoding rules next to ours, same filters (decode-paper.json, decode-paper-1024.json); then
+# its two rules one at a time: its commit rule with our EoTP, our commit rule with its truncating EoTP.
+P256=(--n 500 --tasks arith --policies learned --eotp yes --caches none --out benchmarks/results/decode-paper.json
+      --rows-dir runs/bench-paper --table decode-paper-table)
+P1024=(--gen-length 1024 --n 100 --tasks arith,listops --policies learned --eotp yes --caches none
+       --out benchmarks/results/decode-paper-1024.json --rows-dir runs/bench-paper-1024 --table decode-paper-1024-table)
+python benchmarks/decode.py "${P256[@]}" --presets none,learn2pd-paper --filters shipped,block-fill=$F/f-block-fill
+python benchmarks/decode.py "${P1024[@]}" --presets none,learn2pd-paper
+python benchmarks/decode.py "${P256[@]}" --presets learn2pd-paper --eotp-modes fill
+python benchmarks/decode.py "${P256[@]}" --eotp-modes truncate
+python benchmarks/decode.py "${P1024[@]}" --presets learn2pd-paper --eotp-modes fill
+python benchmarks/decode.py "${P1024[@]}" --eotp-modes truncate

@@ -63,6 +63,8 @@ def error_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     (["--policies", "learned", "--filters", "/some/filter"],
      "--filters '/some/filter' is not NAME=PATH (or 'shipped', the tiny model's own filter)"),
     (["--policies", "learned", "--filters", ","], "--filters names no filter, which policy 'learned' needs"),
+    (["--eotp-modes", "cut"], "--eotp-modes: unknown ['cut'] (choose from ['default', 'fill', 'truncate'])"),
+    (["--eotp", "no", "--eotp-modes", "truncate"], "eotp_mode='truncate' needs eotp=true"),
 ])
 def test_a_bad_option_is_one_line(options: list[str], message: str, error_of) -> None:
     assert error_of(*options).startswith(message)
@@ -120,3 +122,17 @@ def test_a_bad_readme_is_one_line(readme_text: str | None, message: str, error_o
     if readme_text is not None:
         path.write_text(readme_text)
     assert error_of("--readme", str(path)) == message.format(path=str(path))
+
+
+def test_an_explicit_eotp_mode_is_its_own_run() -> None:
+    runs = decode.grid(["learned"], ["none"], [True], {"shipped": [0.95]}, {"shipped": None},
+                       (None, "learn2pd-paper"), (None, "fill"))
+    assert [run.name for run in runs] == [
+        "learned@shipped@0.95+eotp/none", "learned@shipped@0.95+eotp-fill/none",
+        "learned@shipped@0.95+eotp+learn2pd-paper/none", "learned@shipped@0.95+eotp-fill+learn2pd-paper/none"]
+    paper_with_fill = runs[3]
+    assert decode.run_of(decode.asdict(paper_with_fill)) == paper_with_fill
+    assert decode.eotp_column(paper_with_fill) == "yes (fill)" and decode.eotp_column(runs[0]) == "yes"
+    args = decode.build_parser().parse_args([])
+    cfg = decode.make_config(decode.run_settings(args, paper_with_fill, {"shipped": None}))
+    assert (cfg.eotp_mode, cfg.learned_commit) == ("fill", "with_schedule")  # the preset's other rules stay
